@@ -29,7 +29,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from common import reset_peak, timed, vm, write_results  # noqa: E402
 from crispedit import __version__  # noqa: E402
 from crispedit.curvature import collect  # noqa: E402
 from crispedit.layers import find_modules  # noqa: E402
@@ -88,12 +90,6 @@ def stats_pass(model, modules, docs):
     return collect(model, modules, docs, labels="sampled", batch_size=BATCH)
 
 
-def timed(fn) -> tuple[float, float]:
-    w, c = time.perf_counter(), time.process_time()
-    fn()
-    return time.perf_counter() - w, time.process_time() - c
-
-
 def matmul_flops_per_token(d, d_q, d_kv, d_ff, L, V, T, edited: list[int], d_in, d_out) -> dict:
     """Per-token matmul flops of the baseline step and of the statistics pass (2 flops per MAC).
 
@@ -129,21 +125,13 @@ def peak_rss_mib(model_name: str, phase: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _vm(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def child(model_name: str, phase: str) -> None:
     model = load_model(model_name)
     modules = find_modules(model, "auto")
     docs, _ = documents()
-    before = _vm("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
+    before = reset_peak()
     (baseline_pass if phase == "baseline" else stats_pass)(model, modules, docs)
-    print(json.dumps({"before": before, "peak": _vm("VmHWM"), "peak_increase": _vm("VmHWM") - before}))
+    print(json.dumps({"before": before, "peak": vm("VmHWM"), "peak_increase": vm("VmHWM") - before}))
 
 
 def bench_model(name: str, docs, reps: int) -> dict:
@@ -154,8 +142,8 @@ def bench_model(name: str, docs, reps: int) -> dict:
     baseline_pass(model, modules, docs[:BATCH])
     base_t, stat_t = [], []
     for _ in range(reps):  # interleaved, so both see the same machine load
-        base_t.append(timed(lambda: baseline_pass(model, modules, docs)))
-        stat_t.append(timed(lambda: stats_pass(model, modules, docs)))
+        base_t.append(timed(lambda: baseline_pass(model, modules, docs))[:2])
+        stat_t.append(timed(lambda: stats_pass(model, modules, docs))[:2])
     b_wall, b_cpu = min(t[0] for t in base_t), min(t[1] for t in base_t)
     s_wall, s_cpu = min(t[0] for t in stat_t), min(t[1] for t in stat_t)
     stats = stats_pass(model, modules, docs)
@@ -218,11 +206,7 @@ def main() -> None:
         "gpu": "not measured: no GPU was lent to this session",
         "loadavg_after": os.getloadavg(),
     }
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(results, indent=2) + "\n")
-    os.replace(tmp, out)
+    out = write_results(results, a.out)
     for m in results["models"]:
         print(f"{m['model']:>12}: statistics / (forward + backward) = {m['ratio']['wall']:.2f} wall, "
               f"{m['ratio']['cpu']:.2f} CPU (flop count predicts {m['flop_prediction']['ratio']:.2f}); "

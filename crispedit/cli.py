@@ -9,17 +9,21 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 import time
 import typing
 from pathlib import Path
 
 from . import __version__
-from .options import CurvatureOptions, DemoOptions, InspectOptions, MergeOptions
+from .options import (CurvatureOptions, DeltaOptions, DemoOptions, EditOptions, EvaluateOptions, InspectOptions,
+                      MergeOptions)
 
 COMMANDS = {
     "curvature": (CurvatureOptions, "collect K-FAC statistics (A, G) of a capability corpus"),
+    "edit": (EditOptions, "edit a model with CrispEdit (or the ft / nullspace baselines), evaluate it and save it"),
+    "evaluate": (EvaluateOptions, "score an edited model against its base on a request file"),
+    "apply-delta": (DeltaOptions, "apply a saved delta to the base model, bit-exactly"),
+    "revert": (DeltaOptions, "remove a saved delta from the edited model, restoring the base bit-exactly"),
     "inspect": (InspectOptions, "report, per layer and gamma, what the projector removes"),
     "merge-curvature": (MergeOptions, "merge statistics of disjoint corpora into one file"),
     "demo": (DemoOptions, "run the offline demo on a model built here"),
@@ -191,21 +195,157 @@ def run_merge(o: MergeOptions) -> int:
     return 0
 
 
+def _check_paths(**paths) -> None:
+    for option, value in paths.items():
+        for v in value if isinstance(value, list) else [value]:
+            if v is not None and not Path(v).exists():
+                raise UsageError(f"--{option.replace('_', '-')} {v}: no such file or directory")
+
+
+def print_report(before: dict, after: dict, drift: dict | None = None) -> None:
+    """The terminal summary: edit metrics before/after per protocol, capability, per-matrix drift."""
+    print(f"\n{'metric':<22} {'protocol':<15} {'template':<8} {'before':>8} {'after':>8} {'n':>6}")
+    b = {(m["metric"], m["protocol"]): m["value"] for m in before.get("metrics", [])}
+    for m in after.get("metrics", []):
+        v0 = b.get((m["metric"], m["protocol"]))
+        f = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
+        print(f"{m['metric']:<22} {m['protocol']:<15} {m['template']:<8} {f(v0):>8} {f(m['value']):>8} {m['n']:>6}")
+    cap = after.get("capability", {})
+    if "heldout_perplexity" in cap:
+        print(f"held-out perplexity {cap['heldout_perplexity_base']:.3f} -> {cap['heldout_perplexity']:.3f} "
+              f"({cap['heldout_perplexity_change']:+.2%}); KL(base||edited) {cap['heldout_kl']:.4g} nats/token")
+    if "corpus_kl" in cap:
+        predicted = f" (K-FAC predicted {drift['total']['predicted_kl']:.4g})" if drift else ""
+        print(f"curvature corpus KL(base||edited) {cap['corpus_kl']:.4g} nats/token{predicted}")
+    if "known_facts_accuracy" in cap:
+        if cap["known_facts_count"] == 0:
+            print(f"known unedited facts: the base model answers none of the {cap['known_facts_offered']} offered")
+        else:
+            print(f"known unedited facts: {before['capability']['known_facts_accuracy']:.3f} -> "
+                  f"{cap['known_facts_accuracy']:.3f} (generation, {cap['known_facts_count']} of "
+                  f"{cap['known_facts_offered']} known by the base model)")
+    if drift:
+        print(f"\n{'matrix':<40} {'|dW|/|W|':>9} {'pred. KL':>10} {'outside':>10}")
+        for n, r in drift.items():
+            print(f"{n:<40} {r['relative_change']:>9.4f} {r['predicted_kl']:>10.4g} {r['predicted_kl_outside']:>10.4g}")
+
+
+def run_edit(o: EditOptions) -> int:
+    import torch
+
+    from .corpus import read_documents
+    from .curvature import collect, load
+    from .editor import build_projectors, drift_report, edit, eigenbases
+    from .evaluate import measure, prepare_reference
+    from .layers import find_modules, parse_layers
+    from .model import load_model
+    from .requests import read_requests
+    from .saving import file_hash, prepare_out, save_edit
+
+    prepare_out(o.out, o.overwrite)
+    _check_paths(requests=o.requests, curvature=o.curvature, corpus=o.corpus, heldout=o.heldout, known_facts=o.known_facts)
+    if o.curvature is None and not o.corpus:
+        raise UsageError("give --curvature (statistics from `crispedit curvature`) or --corpus to compute them")
+    model, tok = load_model(o.model, o.device, o.dtype)
+    ctx = getattr(model.config, "max_position_embeddings", None)
+    requests = read_requests(o.requests, o.format, tok, ctx)
+    known = read_requests(o.known_facts, "auto", tok, ctx) if o.known_facts else []
+    modules = find_modules(model, parse_layers(o.layers), o.module)
+    corpus = read_documents(o.corpus, tok, o.max_length, o.unit, o.max_documents) if o.corpus else []
+    heldout = read_documents(o.heldout, tok, o.max_length, o.unit, o.max_documents) if o.heldout else []
+    if o.curvature:
+        stats = load(o.curvature, modules)
+    else:
+        stats = collect(model, modules, corpus, labels=o.labels, seed=o.seed, progress=o.progress)
+    eig = eigenbases(stats, {n: m.weight.device for n, m in modules.items()})
+    projectors = build_projectors(eig, o.method, o.gamma)
+    for n, P in projectors.items():
+        t = P.threshold
+        print(f"{n}: removes {t.removed:,}/{t.total:,} directions, {t.removed_share:.1%} of the curvature energy")
+    ref = prepare_reference(model, tok, requests if o.evaluate else [], o.template, heldout, corpus, known)
+    base_weights = {n: m.weight.detach().clone() for n, m in modules.items()}
+    result = edit(model, tok, requests, modules, projectors, o.optimizer, o.lr, o.batch_size, o.epochs,
+                  o.loss_threshold, o.seed, o.progress)
+    drift = drift_report(result.deltas, modules, eig, projectors)
+    after = measure(model, tok, ref) if o.evaluate else {"capability": {}}
+    print(f"edited {len(requests)} requests in {result.seconds:.1f} s: {result.steps} steps, {result.epochs} epochs, "
+          f"final epoch loss {result.epoch_losses[-1]:.4g}")
+    print_report(ref.before, after, drift)
+    manifest = {
+        "base_model": o.model,
+        "requests": {"path": o.requests, "sha256": file_hash(o.requests), "count": len(requests)},
+        "curvature": stats.meta, "options": dataclasses.asdict(o), "threads": torch.get_num_threads(),
+        "projectors": {n: P.summary() for n, P in projectors.items()},
+        "steps": result.steps, "epochs": result.epochs, "epoch_losses": result.epoch_losses, "edit_seconds": result.seconds,
+        "drift": drift, "before": {k: v for k, v in ref.before.items() if k != "per_request"},
+        "after": {k: v for k, v in after.items() if k != "per_request"},
+    }
+    report = {"before": ref.before, "after": after}
+    out = save_edit(model, tok, modules, base_weights, manifest, o.out, o.overwrite, {"report.json": report})
+    print(f"\nedited model, delta.safetensors, manifest.json and report.json -> {out}")
+    return 0
+
+
+def run_evaluate(o: EvaluateOptions) -> int:
+    from .corpus import read_documents
+    from .evaluate import measure, prepare_reference
+    from .model import load_model
+    from .requests import read_requests
+    from .saving import write_json
+
+    _check_paths(requests=o.requests, heldout=o.heldout, known_facts=o.known_facts)
+    if o.out and Path(o.out).exists() and not o.overwrite:
+        raise UsageError(f"--out {o.out}: exists; pass --overwrite to replace it")
+    base, tok = load_model(o.base, o.device, o.dtype)
+    ctx = getattr(base.config, "max_position_embeddings", None)
+    requests = read_requests(o.requests, o.format, tok, ctx)
+    known = read_requests(o.known_facts, "auto", tok, ctx) if o.known_facts else []
+    heldout = read_documents(o.heldout, tok, o.max_length, o.unit, o.max_documents) if o.heldout else []
+    ref = prepare_reference(base, tok, requests, o.template, heldout, (), known)
+    del base
+    edited, _ = load_model(o.model, o.device, o.dtype)
+    after = measure(edited, tok, ref)
+    print_report(ref.before, after)
+    if o.out:
+        write_json({"model": o.model, "base": o.base, "options": dataclasses.asdict(o), "before": ref.before, "after": after}, o.out)
+        print(f"report -> {o.out}")
+    return 0
+
+
+def _run_delta(o: DeltaOptions, sign: int) -> int:
+    from .model import load_model
+    from .saving import apply_delta, prepare_out, read_delta, save_model
+
+    prepare_out(o.out, o.overwrite)
+    deltas, manifest = read_delta(o.delta)
+    model, tok = load_model(o.model, o.device, o.dtype)
+    apply_delta(model, deltas, manifest, sign)
+    save_model(model, tok, o.out, o.overwrite)
+    what = "edited" if sign > 0 else "base"
+    print(f"{len(deltas)} matrices {'applied' if sign > 0 else 'reverted'}; {what} weights reproduced bit for bit -> {o.out}")
+    return 0
+
+
 def run_demo(o: DemoOptions) -> int:
     from .demo import run
 
     return run(o)
 
 
-RUNNERS = {"curvature": run_curvature, "inspect": run_inspect, "merge-curvature": run_merge, "demo": run_demo}
+RUNNERS = {"curvature": run_curvature, "edit": run_edit, "evaluate": run_evaluate,
+           "apply-delta": lambda o: _run_delta(o, +1), "revert": lambda o: _run_delta(o, -1),
+           "inspect": run_inspect, "merge-curvature": run_merge, "demo": run_demo}
 
 
 def main(argv: list[str] | None = None) -> int:
     from .corpus import CorpusError
     from .curvature import StatisticsError
+    from .editor import EditError
     from .layers import LayerError
     from .model import ModelError
     from .projector import CurvatureError
+    from .requests import RequestError
+    from .saving import SaveError
 
     args = build_parser().parse_args(argv)
     cls = COMMANDS[args.command][0]
@@ -214,7 +354,8 @@ def main(argv: list[str] | None = None) -> int:
         options = options_from_args(cls, args)
         _setup_runtime(options)
         code = RUNNERS[args.command](options)
-    except (UsageError, CorpusError, StatisticsError, LayerError, ModelError, CurvatureError) as e:
+    except (UsageError, CorpusError, StatisticsError, LayerError, ModelError, CurvatureError, RequestError,
+            EditError, SaveError) as e:
         print(f"crispedit {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

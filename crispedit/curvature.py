@@ -220,7 +220,7 @@ def collect(
     if N == 0:
         raise StatisticsError("the corpus has no labelled position (every document is shorter than two tokens)")
     forward = forward or _hf_forward(model)
-    device = next(iter(modules.values())).weight.device
+    device = _input_device(model)
     if labels == "exact":
         vocab = _vocab_size(model, forward, documents[0], device)
         if vocab * N > exact_limit:
@@ -280,6 +280,12 @@ def collect(
         "time_s": elapsed,
     }
     return KFACStatistics(A, G, {n: N for n in modules}, meta)
+
+
+def _input_device(model: nn.Module) -> torch.device:
+    """Where input ids go: the embedding's device (``model.device`` for HF models, also with device_map)."""
+    dev = getattr(model, "device", None)
+    return dev if isinstance(dev, torch.device) else next(model.parameters()).device
 
 
 def _progress(total: int, enabled: bool):

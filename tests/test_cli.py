@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from crispedit.cli import main
 from crispedit.curvature import load, merge
@@ -132,21 +133,6 @@ def test_existing_output_is_not_overwritten(tiny, tmp_path, capsys):
     assert load(tmp_path).meta["labels"] == "empirical"
 
 
-def test_demo_runs_offline_and_projection_cuts_measured_kl(capsys):
-    code, out, _ = _run(capsys, "demo", "--threads", "2")
-    assert code == 0
-    for labels in ("sampled", "empirical"):
-        block = out.split(f"K-FAC with {labels} labels")[1].split("\n\n")[0]
-        rows = {float(r.split()[0]): [float(x.rstrip("%")) for x in r.split()[1:]] for r in block.splitlines()[2:]}
-        assert set(rows) == {0.0, 0.5, 0.8, 0.9, 0.99}
-        measured = [rows[g][4] for g in sorted(rows)]
-        assert measured == sorted(measured, reverse=True)  # more protection, less measured drift
-        assert rows[0.8][4] < rows[0.0][4] / 3
-        # same order as the measured KL; K-FAC drops attention's cross-position terms here, so it
-        # under-predicts (exactness of the units is tested in test_kfac_exact.py)
-        assert 0.5 < rows[0.0][5] < 4.0
-
-
 @pytest.mark.skipif(not (SHARED / "models" / "stories260K").exists(), reason="../shared/models/stories260K not present")
 def test_curvature_on_the_real_pretrained_model_and_wikitext(tmp_path, capsys):
     code, out, _ = _run(capsys, "curvature", "--model", SHARED / "models" / "stories260K", "--corpus",
@@ -156,3 +142,88 @@ def test_curvature_on_the_real_pretrained_model_and_wikitext(tmp_path, capsys):
     assert stats.names == [f"model.layers.{i}.mlp.down_proj" for i in range(5)]  # auto: all 5 blocks
     assert stats.shapes()[stats.names[0]] == (64, 172)
     assert json.dumps(stats.meta)
+
+
+REQUESTS = [
+    {"prompt": "the cat sat on the", "target_new": "mat", "rephrase_prompts": ["a cat sat on the"],
+     "locality": [{"prompt": "the dog ran to the", "answer": "park"}], "case_id": 0},
+    {"prompt": "we ate some", "target_new": "bread", "rephrase_prompts": ["they ate some"],
+     "locality": [{"prompt": "it was a sunny", "answer": "day"}], "case_id": 1},
+]
+
+
+@pytest.fixture()
+def requests_file(tmp_path):
+    p = tmp_path / "requests.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in REQUESTS))
+    return p
+
+
+def test_edit_then_apply_delta_and_revert(tiny, tmp_path, requests_file, capsys):
+    out = tmp_path / "edited"
+    code, stdout, _ = _run(capsys, "edit", "--model", tiny / "model", "--requests", requests_file, "--corpus", tiny / "a.txt",
+                           "--heldout", tiny / "b.jsonl", "--known-facts", requests_file, "--layers", "1,2", "--epochs", "3",
+                           "--lr", "1e-2", "--out", out, "--no-progress")
+    assert code == 0, stdout
+    assert {"config.json", "model.safetensors", "delta.safetensors", "manifest.json", "report.json", "tokenizer.json"} <= {p.name for p in out.iterdir()}
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["options"]["method"] == "crispedit" and manifest["steps"] == 3
+    assert manifest["requests"]["count"] == 2 and len(manifest["requests"]["sha256"]) == 64
+    assert set(manifest["drift"]) == {"model.layers.1.mlp.down_proj", "model.layers.2.mlp.down_proj", "total"}
+    report = json.loads((out / "report.json").read_text())
+    tags = {(m["metric"], m["protocol"], m["template"]) for m in report["after"]["metrics"]}
+    assert ("reliability", "generation", "raw") in tags and ("locality_agreement", "teacher_forced", "raw") in tags
+    assert "heldout_kl" in report["after"]["capability"] and "corpus_kl" in report["after"]["capability"]
+    assert "reliability" in stdout and "K-FAC predicted" in stdout
+    edited = AutoModelForCausalLM.from_pretrained(out)
+    # apply the delta to the base: the edited weights, bit for bit; revert: the base again
+    assert _run(capsys, "apply-delta", "--model", tiny / "model", "--delta", out, "--out", tmp_path / "applied")[0] == 0
+    applied = AutoModelForCausalLM.from_pretrained(tmp_path / "applied")
+    base = AutoModelForCausalLM.from_pretrained(tiny / "model")
+    assert _run(capsys, "revert", "--model", out, "--delta", out, "--out", tmp_path / "reverted")[0] == 0
+    reverted = AutoModelForCausalLM.from_pretrained(tmp_path / "reverted")
+    for k, v in edited.state_dict().items():
+        assert torch.equal(applied.state_dict()[k], v)
+        assert torch.equal(reverted.state_dict()[k], base.state_dict()[k])
+    code, _, err = _run(capsys, "apply-delta", "--model", out, "--delta", out, "--out", tmp_path / "twice")
+    assert code == 2 and "not the base weights" in err and not (tmp_path / "twice").exists()
+    # evaluate the saved edit against its base
+    code, stdout, _ = _run(capsys, "evaluate", "--model", out, "--base", tiny / "model", "--requests", requests_file,
+                           "--heldout", tiny / "b.jsonl", "--out", tmp_path / "eval.json")
+    assert code == 0 and json.loads((tmp_path / "eval.json").read_text())["after"]["metrics"]
+
+
+EDIT_ERRORS = {  # overrides of the base options (None: leave the option out) -> the one-line reason
+    "gamma out of range": ({"--gamma": "1.2"}, "gamma must lie in [0, 1)"),
+    "unknown method": ({"--method": "rome"}, "invalid choice"),
+    "curvature of other layers": ({"--layers": "0"}, "no statistics for model.layers.0.mlp.down_proj"),
+    "malformed requests": ({"--requests": "BAD"}, "bad.jsonl: record 1 (case_id 1): field 'target_new': empty"),
+    "no curvature": ({"--curvature": None}, "give --curvature"),
+}
+
+
+@pytest.mark.parametrize("case", EDIT_ERRORS)
+def test_edit_bad_input(tiny, tmp_path, requests_file, capsys, case):
+    overrides, message = EDIT_ERRORS[case]
+    curv = tmp_path / "curv"
+    _run(capsys, "curvature", "--model", tiny / "model", "--corpus", tiny / "a.txt", "--layers", "1", "--out", curv, "--no-progress")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(REQUESTS[0]) + "\n" + json.dumps({**REQUESTS[1], "target_new": ""}) + "\n")
+    options = {"--model": tiny / "model", "--requests": requests_file, "--curvature": curv, "--layers": "1", "--out": tmp_path / "o"}
+    options.update({k: bad if v == "BAD" else v for k, v in overrides.items()})
+    argv = ["edit", "--no-progress"] + [x for k, v in options.items() if v is not None for x in (k, v)]
+    try:
+        code, _, err = _run(capsys, *argv)
+    except SystemExit as e:  # argparse rejects an unknown choice itself, with status 2
+        code, err = e.code, capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_edit_refuses_to_overwrite(tiny, tmp_path, requests_file, capsys):
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "precious.txt").write_text("keep me")
+    code, _, err = _run(capsys, "edit", "--model", tiny / "model", "--requests", requests_file, "--corpus", tiny / "a.txt",
+                        "--out", tmp_path / "o")
+    assert code == 2 and "not empty" in err
+    assert (tmp_path / "o" / "precious.txt").read_text() == "keep me"

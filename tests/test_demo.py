@@ -1,0 +1,56 @@
+"""The shipped demo model and ``crispedit demo`` (offline, no ../shared needed)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from crispedit.cli import main
+from crispedit.demo import MODEL_DIR, demo_requests
+from crispedit.evaluate import exact_match, generate
+from crispedit.model import load_model
+from crispedit.world import RELATIONS, TRAINED_TEMPLATES, build_world
+
+
+@pytest.fixture(scope="module")
+def demo_model():
+    return load_model(str(MODEL_DIR), "cpu", "float32")
+
+
+def test_world_is_as_specified():
+    world = build_world()
+    assert len(world.people) >= 300 and len(RELATIONS) >= 5
+    assert all(len(templates) >= 3 for templates, _ in RELATIONS.values())
+    assert not set(world.train_documents) & set(world.heldout_narrative)
+    assert all(" . " in d for d in world.train_documents)
+    requests, known = demo_requests(300, 0)
+    assert len({r.subject for r in requests}) == 300
+    assert all(r.target_new != r.ground_truth for r in requests)
+    assert all(r.rephrase_prompts[0] == world.fact(r.subject, rel).prompt(TRAINED_TEMPLATES)
+               for r in requests for rel in RELATIONS if world.fact(r.subject, rel).prompt(0) == r.prompt)
+    assert not {k.subject for k in known} & {r.subject for r in requests}
+
+
+def test_shipped_model_knows_its_facts_by_greedy_generation(demo_model):
+    model, tok = demo_model
+    assert sum(p.numel() for p in model.parameters()) <= 2_500_000
+    world = build_world()
+    answers = generate(model, tok, [f.prompt(0) for f in world.facts])
+    known = sum(exact_match(a, f.object) for a, f in zip(answers, world.facts)) / len(world.facts)
+    assert known >= 0.95, f"the demo model knows only {known:.1%} of its facts"
+
+
+def test_demo_end_to_end(tmp_path, capsys):
+    assert main(["demo", "--edits", "60", "--out", str(tmp_path), "--threads", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "crispedit 0.8" in out and "nullspace 0.8" in out and "ft " in out
+    report = json.loads((tmp_path / "demo-report.json").read_text())
+    rows = {r["method"]: r for r in report["rows"]}
+    assert set(rows) == {"crispedit", "ft", "nullspace"}
+    assert (tmp_path / "demo-plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the claim the demo exists to show: at the default gamma CrispEdit moves the model far less than ft
+    assert rows["crispedit"]["heldout_kl"] < rows["ft"]["heldout_kl"] / 2
+    # a second run may replace the demo's own files, never anything else
+    (tmp_path / "mine.txt").write_text("x")
+    assert main(["demo", "--edits", "10", "--out", str(tmp_path)]) == 2
