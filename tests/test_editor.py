@@ -116,7 +116,7 @@ def test_loss_is_on_target_tokens_only():
             nll -= float(torch.log_softmax(logits[b, t - 1], -1)[x[t]])
             count += 1
     assert count == len(" mat") + len(" park")
-    assert float(edit_loss(model, ids, attn, labels)) == pytest.approx(nll / count, rel=1e-10)
+    assert float(edit_loss(model, ids, attn, labels).detach()) == pytest.approx(nll / count, rel=1e-10)
 
 
 def test_nullspace_removes_whole_input_directions_and_ft_nothing():
