@@ -341,6 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     from .corpus import CorpusError
     from .curvature import StatisticsError
     from .editor import EditError
+    from .evaluate import EvaluationError
     from .layers import LayerError
     from .model import ModelError
     from .projector import CurvatureError
@@ -355,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
         _setup_runtime(options)
         code = RUNNERS[args.command](options)
     except (UsageError, CorpusError, StatisticsError, LayerError, ModelError, CurvatureError, RequestError,
-            EditError, SaveError) as e:
+            EditError, SaveError, EvaluationError) as e:
         print(f"crispedit {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -114,6 +114,12 @@ def exact_match(generated: str, answer: str) -> bool:
 # teacher-forced protocol (EasyEdit / AlphaEdit tables)
 
 TEMPLATES = ("raw", "qa", "chat")
+
+
+class EvaluationError(ValueError):
+    """An evaluation option that cannot be honoured (e.g. a chat template the tokenizer lacks)."""
+
+
 QA_TEMPLATE = "Please answer the question:\n\nQ: {q}\nA:"
 
 
@@ -125,9 +131,9 @@ def apply_template(tokenizer, prompt: str, template: str = "raw") -> str:
         return QA_TEMPLATE.format(q=prompt)
     if template == "chat":
         if not getattr(tokenizer, "chat_template", None):
-            raise ValueError("--template chat: this tokenizer has no chat template")
+            raise EvaluationError("--template chat: this tokenizer has no chat template")
         return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
-    raise ValueError(f"--template must be one of {', '.join(TEMPLATES)}, got {template!r}")
+    raise EvaluationError(f"--template must be one of {', '.join(TEMPLATES)}, got {template!r}")
 
 
 @torch.no_grad()
