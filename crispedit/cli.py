@@ -262,12 +262,13 @@ def run_edit(o: EditOptions) -> int:
     for n, P in projectors.items():
         t = P.threshold
         print(f"{n}: removes {t.removed:,}/{t.total:,} directions, {t.removed_share:.1%} of the curvature energy")
-    ref = prepare_reference(model, tok, requests if o.evaluate else [], o.template, heldout, corpus, known)
+    ref = prepare_reference(model, tok, requests if o.evaluate else [], o.template, heldout, corpus, known,
+                            progress=o.progress)
     base_weights = {n: m.weight.detach().clone() for n, m in modules.items()}
     result = edit(model, tok, requests, modules, projectors, o.optimizer, o.lr, o.batch_size, o.epochs,
                   o.loss_threshold, o.seed, o.progress)
     drift = drift_report(result.deltas, modules, eig, projectors)
-    after = measure(model, tok, ref) if o.evaluate else {"capability": {}}
+    after = measure(model, tok, ref, progress=o.progress) if o.evaluate else {"capability": {}}
     print(f"edited {len(requests)} requests in {result.seconds:.1f} s: {result.steps} steps, {result.epochs} epochs, "
           f"final epoch loss {result.epoch_losses[-1]:.4g}")
     print_report(ref.before, after, drift)
@@ -301,10 +302,10 @@ def run_evaluate(o: EvaluateOptions) -> int:
     requests = read_requests(o.requests, o.format, tok, ctx)
     known = read_requests(o.known_facts, "auto", tok, ctx) if o.known_facts else []
     heldout = read_documents(o.heldout, tok, o.max_length, o.unit, o.max_documents) if o.heldout else []
-    ref = prepare_reference(base, tok, requests, o.template, heldout, (), known)
+    ref = prepare_reference(base, tok, requests, o.template, heldout, (), known, progress=o.progress)
     del base
     edited, _ = load_model(o.model, o.device, o.dtype)
-    after = measure(edited, tok, ref)
+    after = measure(edited, tok, ref, progress=o.progress)
     print_report(ref.before, after)
     if o.out:
         write_json({"model": o.model, "base": o.base, "options": dataclasses.asdict(o), "before": ref.before, "after": after}, o.out)

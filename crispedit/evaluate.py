@@ -88,13 +88,15 @@ def pad_id(tokenizer) -> int:
 
 @torch.no_grad()
 def generate(model: nn.Module, tokenizer, prompts: Sequence[str], max_new_tokens: int = MAX_NEW_TOKENS,
-             batch_size: int = 64) -> list[str]:
+             batch_size: int = 64, progress: bool = False) -> list[str]:
     """Greedy continuations of ``prompts`` (left padding), cut at the first newline or '.'."""
+    from tqdm.auto import tqdm
+
     device = _input_device(model)
     pad = pad_id(tokenizer)
     stops = _stop_ids(tokenizer)
     out: list[str] = []
-    for lo in range(0, len(prompts), batch_size):
+    for lo in tqdm(range(0, len(prompts), batch_size), desc="generate", unit="batch", disable=not progress, leave=False):
         enc = [tokenizer(p)["input_ids"] for p in prompts[lo : lo + batch_size]]
         T = max(len(e) for e in enc)
         ids = torch.tensor([[pad] * (T - len(e)) + e for e in enc], device=device)
@@ -199,21 +201,23 @@ def _prompt_sets(requests) -> dict[str, tuple[list[str], list[str], list[int]]]:
     return sets
 
 
-def snapshot(model: nn.Module, tokenizer, requests, template: str = "raw", batch_size: int = 64) -> Snapshot:
+def snapshot(model: nn.Module, tokenizer, requests, template: str = "raw", batch_size: int = 64,
+             progress: bool = False) -> Snapshot:
     gen, arg, gold = {}, {}, {}
     for kind, (prompts, answers, _) in _prompt_sets(requests).items():
         wrapped = [apply_template(tokenizer, p, template) for p in prompts]
-        gen[kind] = generate(model, tokenizer, wrapped, batch_size=batch_size) if wrapped else []
+        gen[kind] = generate(model, tokenizer, wrapped, batch_size=batch_size, progress=progress) if wrapped else []
         tf = teacher_forced(model, tokenizer, wrapped, answers, batch_size) if wrapped else []
         arg[kind], gold[kind] = [p for p, _ in tf], [g for _, g in tf]
     return Snapshot(template, gen, arg, gold)
 
 
-def score_requests(model: nn.Module, tokenizer, requests, base: Snapshot, batch_size: int = 64) -> dict:
+def score_requests(model: nn.Module, tokenizer, requests, base: Snapshot, batch_size: int = 64,
+                   progress: bool = False) -> dict:
     """Per request and averaged: reliability, generalisation, locality (agreement with ``base`` and
     accuracy against the dataset answer), each under the generation and teacher-forced protocols."""
     template = base.template
-    now = snapshot(model, tokenizer, requests, template, batch_size)
+    now = snapshot(model, tokenizer, requests, template, batch_size, progress)
     sets = _prompt_sets(requests)
     rows = [{"case_id": r.case_id} for r in requests]
     per: dict[tuple[str, str], list[list[float]]] = {}
@@ -256,18 +260,18 @@ def metric(report: dict, name: str, protocol: str = "generation") -> float | Non
 # capability
 
 
-def known_facts_filter(model: nn.Module, tokenizer, facts, batch_size: int = 64) -> tuple[list, list[str]]:
+def known_facts_filter(model: nn.Module, tokenizer, facts, batch_size: int = 64, progress: bool = False) -> tuple[list, list[str]]:
     """The facts (request records whose ``target_new`` is the true answer) that the model answers
     correctly by greedy generation, and the model's answers."""
-    answers = generate(model, tokenizer, [f.prompt for f in facts], batch_size=batch_size)
+    answers = generate(model, tokenizer, [f.prompt for f in facts], batch_size=batch_size, progress=progress)
     kept = [f for f, a in zip(facts, answers) if exact_match(a, f.target_new)]
     return kept, answers
 
 
-def known_facts_accuracy(model: nn.Module, tokenizer, facts, batch_size: int = 64) -> float | None:
+def known_facts_accuracy(model: nn.Module, tokenizer, facts, batch_size: int = 64, progress: bool = False) -> float | None:
     if not facts:
         return None
-    answers = generate(model, tokenizer, [f.prompt for f in facts], batch_size=batch_size)
+    answers = generate(model, tokenizer, [f.prompt for f in facts], batch_size=batch_size, progress=progress)
     return sum(exact_match(a, f.target_new) for a, f in zip(answers, facts)) / len(facts)
 
 
@@ -287,21 +291,21 @@ class BaseReference:
 
 
 def prepare_reference(model: nn.Module, tokenizer, requests, template: str = "raw", heldout=(), corpus=(),
-                      known_facts=(), batch_size: int = 64) -> BaseReference:
-    snap = snapshot(model, tokenizer, requests, template, batch_size) if requests else None
-    known, _ = known_facts_filter(model, tokenizer, list(known_facts), batch_size) if known_facts else ([], [])
+                      known_facts=(), batch_size: int = 64, progress: bool = False) -> BaseReference:
+    snap = snapshot(model, tokenizer, requests, template, batch_size, progress) if requests else None
+    known, _ = known_facts_filter(model, tokenizer, list(known_facts), batch_size, progress) if known_facts else ([], [])
     ref = BaseReference(list(requests), snap, list(heldout), next_token_logprobs(model, list(heldout)) if heldout else [],
                         list(corpus), next_token_logprobs(model, list(corpus)) if corpus else [], known, len(known_facts), {})
-    ref.before = measure(model, tokenizer, ref, batch_size)
+    ref.before = measure(model, tokenizer, ref, batch_size, progress)
     return ref
 
 
-def measure(model: nn.Module, tokenizer, ref: BaseReference, batch_size: int = 64) -> dict:
+def measure(model: nn.Module, tokenizer, ref: BaseReference, batch_size: int = 64, progress: bool = False) -> dict:
     """Edit metrics (both protocols) and capability: perplexity change and KL on held-out text,
     KL on the curvature corpus, accuracy on known unedited facts. Every number is tagged."""
     out: dict = {"metrics": [], "per_request": []}
     if ref.snapshot is not None:
-        scored = score_requests(model, tokenizer, ref.requests, ref.snapshot, batch_size)
+        scored = score_requests(model, tokenizer, ref.requests, ref.snapshot, batch_size, progress)
         out.update(metrics=scored["metrics"], per_request=scored["per_request"])
     cap = out["capability"] = {}
     if ref.heldout:
@@ -314,7 +318,7 @@ def measure(model: nn.Module, tokenizer, ref: BaseReference, batch_size: int = 6
     if ref.corpus:
         cap["corpus_kl"] = mean_kl(ref.corpus_logprobs, next_token_logprobs(model, ref.corpus))
     if ref.known_facts_total:
-        cap["known_facts_accuracy"] = known_facts_accuracy(model, tokenizer, ref.known_facts, batch_size)
+        cap["known_facts_accuracy"] = known_facts_accuracy(model, tokenizer, ref.known_facts, batch_size, progress)
         cap["known_facts_count"] = len(ref.known_facts)
         cap["known_facts_offered"] = ref.known_facts_total
         cap["known_facts_protocol"] = "generation"

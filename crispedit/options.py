@@ -111,6 +111,7 @@ class EvaluateOptions(RuntimeOptions, EvaluationInputs):
     unit: str = opt("line", "document unit of plain text", choices=UNITS)
     out: str | None = opt(None, "write the JSON report here")
     overwrite: bool = opt(False, "replace an existing report")
+    progress: bool = opt(True, "show progress bars")
 
 
 @dataclass
