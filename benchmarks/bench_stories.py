@@ -12,9 +12,8 @@ and KL on held-out stories that the base model sampled itself (seeded); curvatur
 
 Needs ../shared/models/stories260K; exits with a message when it is absent. Commits only aggregates.
 
-Status: a first attempt, not yet issue 4's benchmark. It finds only 40 valid requests (two frames
-get one answer for every noun) where 50 are required, and the model's answers barely depend on
-the noun, so an edit of one noun moves its neighbours too (locality 0.03-0.18 for every method).
+Frames whose answer hardly depends on the noun are dropped (fewer than MIN_ANSWERS distinct
+answers over all nouns): editing one noun there rewrites the frame for every noun.
 """
 
 from __future__ import annotations
@@ -43,14 +42,18 @@ from crispedit.model import load_model  # noqa: E402
 from crispedit.requests import EditRequest  # noqa: E402
 
 NOUNS = ["girl", "boy", "cat", "dog", "bird", "bunny", "bear", "fish", "frog", "mouse", "duck", "lion", "puppy",
-         "kitten", "owl", "fox", "pig", "horse", "cow", "sheep", "monkey", "elephant", "turtle", "squirrel"]
-FRAMES = [  # (prompt, rephrase)
+         "kitten", "owl", "fox", "pig", "horse", "cow", "sheep", "monkey", "elephant", "turtle", "squirrel",
+         "princess", "king", "queen", "dragon", "robot", "car", "tree", "ball", "sun", "moon", "sky", "flower", "cake",
+         "boat", "train", "truck", "bee", "butterfly", "snake", "spider", "ant", "mom", "dad", "teacher", "doctor",
+         "baby", "giraffe", "tiger", "dinosaur", "ghost", "witch", "clown", "farmer", "pirate", "fairy", "snowman"]
+FRAMES = [  # (prompt, rephrase); frames whose answer hardly depends on the noun ("The {} had a big" -> box
+    # for 57 of 59) were tried and dropped: they have fewer than MIN_ANSWERS distinct answers
     ("Once upon a time, there was a little {} named", "One day, there was a little {} named"),
+    ("She saw a {} in the", "He saw a {} in the"),
     ("The little {} liked to eat", "The little {} loved to eat"),
-    ("The {} went to the", "One day, the {} went to the"),
-    ("The {} saw a big", "One day, the {} saw a big"),
-    ("The {} lived in a", "Once upon a time, the {} lived in a"),
+    ("The {} had a big", "The little {} had a big"),
 ]
+MIN_ANSWERS = 5
 SAMPLES, SAMPLE_TOKENS = 200, 128
 
 
@@ -70,8 +73,10 @@ def build_requests(model, tok, seed: int) -> tuple[list[EditRequest], dict]:
         edited, held = valid[:cut], valid[cut:]
         answers = sorted({x for _, x in valid})
         report[frame] = {"valid": len(valid), "edited": len(edited), "locality": len(held), "answers": len(answers)}
-        if not held or len(answers) < 2:
+        if not held or len(answers) < MIN_ANSWERS:
+            report[frame]["used"] = False
             continue
+        report[frame]["used"] = True
         for i, (noun, truth) in enumerate(edited):
             new = rng.choice([x for x in answers if x != truth])
             loc_noun, loc_answer = held[i % len(held)]
