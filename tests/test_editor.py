@@ -134,3 +134,21 @@ def test_bad_options():
         edit(model, TOK, REQUESTS, modules, P, optimizer="lion")
     with pytest.raises(EditError, match="no request"):
         edit(model, TOK, [], modules, P)
+
+
+def test_a_bf16_model_is_edited_with_float32_statistics_and_projection():
+    model = tiny_hf("llama", layers=3, std=0.1, dtype=torch.bfloat16)
+    modules = find_modules(model, [1, 2])
+    stats = collect(model, modules, CORPUS, labels="sampled")
+    assert all(A.dtype == torch.float32 for A in stats.A.values())
+    eig = eigenbases(stats)
+    P = build_projectors(eig, "crispedit", 0.8)
+    before = {n: m.weight.detach().clone() for n, m in modules.items()}
+    result = edit(model, TOK, REQUESTS, modules, P, optimizer="sgd", lr=0.5, epochs=2, batch_size=2)
+    assert result.steps == 4
+    for n, m in modules.items():
+        assert m.weight.dtype == torch.bfloat16 and not torch.equal(m.weight, before[n])
+    report = drift_report(result.deltas, modules, eig, P)
+    assert report["total"]["predicted_kl"] > 0 and 0.01 < report["total"]["relative_change"] < 0.5
+    # bf16 rounding of each step moves the update a little out of the subspace, but not far
+    assert report["total"]["predicted_kl_outside"] < 0.05 * report["total"]["predicted_kl"]
