@@ -132,16 +132,21 @@ class KFACHooks:
 
 
 @contextlib.contextmanager
-def _frozen(model: nn.Module):
-    """Eval mode and no parameter gradients for the duration; restored afterwards."""
+def frozen(model: nn.Module, trainable: Sequence[Tensor] = ()):
+    """Eval mode (no dropout) and gradients for ``trainable`` only, for the duration; the flags,
+    the mode and the gradients of ``trainable`` are restored afterwards."""
     flags = [(p, p.requires_grad) for p in model.parameters()]
     training = model.training
     model.eval()
     for p, _ in flags:
         p.requires_grad_(False)
+    for t in trainable:
+        t.requires_grad_(True)
     try:
         yield
     finally:
+        for t in trainable:
+            t.grad = None
         for p, f in flags:
             p.requires_grad_(f)
         model.train(training)
@@ -233,7 +238,7 @@ def collect(
     bar = _progress(len(documents), progress)
     seen = 0
     start = time.perf_counter()
-    with _frozen(model), KFACHooks(modules, dtype) as hooks:
+    with frozen(model), KFACHooks(modules, dtype) as hooks:
         for lo in range(0, len(order), batch_size):
             idx = order[lo : lo + batch_size]
             docs = [documents[i] for i in idx]

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from .curvature import KFACStatistics, _input_device
+from .curvature import KFACStatistics, _input_device, frozen
 from .evaluate import pad_id
 from .layers import is_conv1d
 from .projector import Eigen, KroneckerProjector, eigh_factor, quadratic_form
@@ -132,14 +132,7 @@ def edit(
     items = tokenize_requests(tokenizer, requests)
     device, pad = _input_device(model), pad_id(tokenizer)
     base = {n: m.weight.detach().clone() for n, m in modules.items()}
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    training = model.training
-    model.eval()  # no dropout: the edit is a deterministic function of the seed
-    for p, _ in flags:
-        p.requires_grad_(False)
     weights = [m.weight for m in modules.values()]
-    for w in weights:
-        w.requires_grad_(True)
     conv = {n: is_conv1d(m) for n, m in modules.items()}
     if optimizer == "sgd":
         opt = torch.optim.SGD(weights, lr=lr)
@@ -148,8 +141,8 @@ def edit(
     gen = torch.Generator().manual_seed(seed)
     steps, epoch_losses = 0, []
     start = time.perf_counter()
-    bar = tqdm(total=epochs, unit="epoch", desc="edit", disable=not progress)
-    try:
+    # eval mode: no dropout, so the edit is a deterministic function of the seed
+    with frozen(model, weights), tqdm(total=epochs, unit="epoch", desc="edit", disable=not progress) as bar:
         for _ in range(epochs):
             order = torch.randperm(len(items), generator=gen).tolist()
             losses = []
@@ -175,13 +168,6 @@ def edit(
             bar.set_postfix(loss=f"{epoch_losses[-1]:.4f}", steps=steps)
             if epoch_losses[-1] < loss_threshold:
                 break
-    finally:
-        bar.close()
-        for w in weights:
-            w.grad = None
-        for p, f in flags:
-            p.requires_grad_(f)
-        model.train(training)
     deltas = {n: m.weight.detach().double() - base[n].double() for n, m in modules.items()}
     return EditResult(deltas, steps, len(epoch_losses), epoch_losses, time.perf_counter() - start)
 
