@@ -118,7 +118,7 @@ def main() -> None:
     known = [EditRequest(r.locality[0][0], r.locality[0][1], case_id=r.case_id) for r in requests]
     stats = collect(model, modules, curvature_docs, labels="sampled", seed=a.seed)
     eig = eigenbases(stats)
-    ref = prepare_reference(model, tok, requests, "raw", heldout, curvature_docs, known)
+    ref = prepare_reference(model, tok, requests, "raw", heldout, curvature_docs, known, modules=modules)
     base = {n: m.weight.detach().clone() for n, m in modules.items()}
     rows = []
     for lr in a.lr:

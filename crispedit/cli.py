@@ -263,7 +263,7 @@ def run_edit(o: EditOptions) -> int:
         t = P.threshold
         print(f"{n}: removes {t.removed:,}/{t.total:,} directions, {t.removed_share:.1%} of the curvature energy")
     ref = prepare_reference(model, tok, requests if o.evaluate else [], o.template, heldout, corpus, known,
-                            progress=o.progress)
+                            modules=modules, progress=o.progress)
     base_weights = {n: m.weight.detach().clone() for n, m in modules.items()}
     result = edit(model, tok, requests, modules, projectors, o.optimizer, o.lr, o.batch_size, o.epochs,
                   o.loss_threshold, o.seed, o.progress)
@@ -292,7 +292,7 @@ def run_evaluate(o: EvaluateOptions) -> int:
     from .evaluate import measure, prepare_reference
     from .model import load_model
     from .requests import read_requests
-    from .saving import write_json
+    from .saving import DELTA_FILE, read_delta, write_json
 
     _check_paths(requests=o.requests, heldout=o.heldout, known_facts=o.known_facts)
     if o.out and Path(o.out).exists() and not o.overwrite:
@@ -303,9 +303,17 @@ def run_evaluate(o: EvaluateOptions) -> int:
     known = read_requests(o.known_facts, "auto", tok, ctx) if o.known_facts else []
     heldout = read_documents(o.heldout, tok, o.max_length, o.unit, o.max_documents) if o.heldout else []
     ref = prepare_reference(base, tok, requests, o.template, heldout, (), known, progress=o.progress)
-    del base
-    edited, _ = load_model(o.model, o.device, o.dtype)
-    after = measure(edited, tok, ref, progress=o.progress)
+    if (Path(o.model) / DELTA_FILE).exists():
+        # an edit of ours: its delta gives the base matrices back bit for bit, no second model needed
+        deltas, _ = read_delta(o.model)
+        del base
+        edited, _ = load_model(o.model, o.device, o.dtype)
+        ref.base_weights = {n: (edited.get_submodule(n).weight.detach().to(D.dtype) - D.to(edited.device))
+                            .to(edited.get_submodule(n).weight.dtype) for n, D in deltas.items()}
+        after = measure(edited, tok, ref, progress=o.progress)
+    else:  # any other pair of models: both stay in memory for the KL
+        edited, _ = load_model(o.model, o.device, o.dtype)
+        after = measure(edited, tok, ref, base_model=base, progress=o.progress)
     print_report(ref.before, after)
     if o.out:
         write_json({"model": o.model, "base": o.base, "options": dataclasses.asdict(o), "before": ref.before, "after": after}, o.out)

@@ -129,7 +129,7 @@ def run(o: DemoOptions) -> int:
     stats = collect(model, modules, corpus, labels="sampled", seed=o.seed)
     eig = eigenbases(stats)
     print(f"curvature: {stats.meta['tokens']:,} tokens of {len(corpus)} training-text documents in {stats.meta['time_s']:.2f} s")
-    ref = prepare_reference(model, tok, requests, "raw", heldout, corpus, known)
+    ref = prepare_reference(model, tok, requests, "raw", heldout, corpus, known, modules=modules)
     base_rel = metric(ref.before, "reliability")
     print(f"{len(requests)} edits; base model: new target already answered {base_rel:.1%}, "
           f"knows {len(ref.known_facts)}/{ref.known_facts_total} unedited facts; "

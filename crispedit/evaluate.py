@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -11,39 +13,56 @@ from torch import Tensor, nn
 from .curvature import _hf_forward, _input_device, _pad
 
 
+@contextlib.contextmanager
+def swapped_weights(model: nn.Module, weights: dict[str, Tensor]):
+    """Temporarily give the named matrices other weights (their base values, say); no copy."""
+    modules = {n: model.get_submodule(n) for n in weights}
+    saved = {n: m.weight.data for n, m in modules.items()}
+    try:
+        for n, m in modules.items():
+            m.weight.data = weights[n]
+        yield
+    finally:
+        for n, m in modules.items():
+            m.weight.data = saved[n]
+
+
 @torch.no_grad()
-def next_token_logprobs(
-    model: nn.Module, documents: Sequence[Sequence[int]], batch_size: int = 8, forward: Callable | None = None
-) -> list[Tensor]:
-    """Per document, float64 log-probabilities ``[len - 1, V]`` of the next token at each position."""
+def text_drift(model: nn.Module, documents: Sequence[Sequence[int]], base_weights: dict[str, Tensor] | None = None,
+               base_model: nn.Module | None = None, batch_size: int = 8, forward: Callable | None = None) -> dict:
+    """Over every next-token position of ``documents``: perplexity of ``model`` and, when a base is
+    given (``model`` with ``base_weights`` swapped in, or ``base_model``), the base's perplexity
+    and the mean per-token ``KL(p_base ‖ p_model)`` in nats. Batch by batch: nothing of
+    vocabulary size is kept between batches."""
     forward = forward or _hf_forward(model)
     device = _input_device(model)
-    out: list[Tensor] = []
+    has_base = bool(base_weights) or base_model is not None
+    nll = nll_base = kl = 0.0
+    count = 0
     for lo in range(0, len(documents), batch_size):
         docs = documents[lo : lo + batch_size]
-        ids, attn, _ = _pad(docs, [[] for _ in docs], device)
-        logp = torch.log_softmax(forward(ids, attn).to(torch.float64), -1)
-        out.extend(logp[b, : len(d) - 1].cpu() for b, d in enumerate(docs))
+        ids, attn, rows = _pad(docs, [range(len(d) - 1) for d in docs], device)
+        nxt = torch.roll(ids, -1, dims=1).unsqueeze(-1)
+
+        def logprobs(fw):
+            logits = fw(ids, attn)
+            return torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), -1)
+
+        lq = logprobs(forward)
+        nll -= float(lq.gather(-1, nxt).squeeze(-1)[rows].double().sum())
+        count += int(rows.sum())
+        if has_base:
+            if base_model is not None:
+                lp = logprobs(_hf_forward(base_model))
+            else:
+                with swapped_weights(model, base_weights):
+                    lp = logprobs(forward)
+            nll_base -= float(lp.gather(-1, nxt).squeeze(-1)[rows].double().sum())
+            kl += float((lp.exp() * (lp - lq)).sum(-1)[rows].double().sum())
+    out = {"perplexity": math.exp(nll / count), "tokens": count}
+    if has_base:
+        out.update(perplexity_base=math.exp(nll_base / count), kl=kl / count)
     return out
-
-
-def mean_kl(base: Sequence[Tensor], edited: Sequence[Tensor]) -> float:
-    """Mean per-token ``KL(p_base ‖ p_edited)`` in nats over all positions of all documents."""
-    total, count = 0.0, 0
-    for lp, lq in zip(base, edited):
-        total += float((lp.exp() * (lp - lq)).sum())
-        count += lp.shape[0]
-    return total / count
-
-
-def perplexity(logprobs: Sequence[Tensor], documents: Sequence[Sequence[int]]) -> float:
-    """``exp`` of the mean negative log-likelihood of the observed next tokens."""
-    nll, count = 0.0, 0
-    for lp, d in zip(logprobs, documents):
-        nxt = torch.tensor(d[1:])
-        nll -= float(lp[torch.arange(len(nxt)), nxt].sum())
-        count += len(nxt)
-    return float(torch.exp(torch.tensor(nll / count)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -282,41 +301,46 @@ class BaseReference:
     requests: list
     snapshot: Snapshot | None
     heldout: list[list[int]]
-    heldout_logprobs: list[Tensor]
     corpus: list[list[int]]
-    corpus_logprobs: list[Tensor]
     known_facts: list  # filtered to those the base model answers correctly
     known_facts_total: int
-    before: dict  # the base model's own scores
+    base_weights: dict[str, Tensor]  # the edited matrices as they were (to compute KL by swapping)
+    before: dict = field(default_factory=dict)  # the base model's own scores
 
 
 def prepare_reference(model: nn.Module, tokenizer, requests, template: str = "raw", heldout=(), corpus=(),
-                      known_facts=(), batch_size: int = 64, progress: bool = False) -> BaseReference:
+                      known_facts=(), modules: dict[str, nn.Module] | None = None, batch_size: int = 64,
+                      progress: bool = False) -> BaseReference:
+    """The base model's answers, and a copy of the matrices in ``modules`` (those about to be
+    edited), so that drift can later be measured on the same model with its base weights swapped in."""
     snap = snapshot(model, tokenizer, requests, template, batch_size, progress) if requests else None
     known, _ = known_facts_filter(model, tokenizer, list(known_facts), batch_size, progress) if known_facts else ([], [])
-    ref = BaseReference(list(requests), snap, list(heldout), next_token_logprobs(model, list(heldout)) if heldout else [],
-                        list(corpus), next_token_logprobs(model, list(corpus)) if corpus else [], known, len(known_facts), {})
-    ref.before = measure(model, tokenizer, ref, batch_size, progress)
+    base_weights = {n: m.weight.detach().clone() for n, m in (modules or {}).items()}
+    ref = BaseReference(list(requests), snap, list(heldout), list(corpus), known, len(known_facts), base_weights)
+    ref.before = measure(model, tokenizer, ref, batch_size=batch_size, progress=progress)
     return ref
 
 
-def measure(model: nn.Module, tokenizer, ref: BaseReference, batch_size: int = 64, progress: bool = False) -> dict:
+def measure(model: nn.Module, tokenizer, ref: BaseReference, base_model: nn.Module | None = None,
+            batch_size: int = 64, progress: bool = False) -> dict:
     """Edit metrics (both protocols) and capability: perplexity change and KL on held-out text,
-    KL on the curvature corpus, accuracy on known unedited facts. Every number is tagged."""
+    KL on the curvature corpus, accuracy on known unedited facts. Every number is tagged. The base
+    for KL is ``model`` with ``ref.base_weights`` swapped in, or ``base_model``."""
     out: dict = {"metrics": [], "per_request": []}
     if ref.snapshot is not None:
         scored = score_requests(model, tokenizer, ref.requests, ref.snapshot, batch_size, progress)
         out.update(metrics=scored["metrics"], per_request=scored["per_request"])
     cap = out["capability"] = {}
+    base = dict(base_weights=ref.base_weights, base_model=base_model)
     if ref.heldout:
-        lp = next_token_logprobs(model, ref.heldout)
-        ppl, ppl0 = perplexity(lp, ref.heldout), perplexity(ref.heldout_logprobs, ref.heldout)
-        cap["heldout_perplexity"] = ppl
-        cap["heldout_perplexity_base"] = ppl0
-        cap["heldout_perplexity_change"] = ppl / ppl0 - 1
-        cap["heldout_kl"] = mean_kl(ref.heldout_logprobs, lp)
-    if ref.corpus:
-        cap["corpus_kl"] = mean_kl(ref.corpus_logprobs, next_token_logprobs(model, ref.corpus))
+        d = text_drift(model, ref.heldout, **base)
+        cap["heldout_perplexity"] = d["perplexity"]
+        if "kl" in d:
+            cap["heldout_perplexity_base"] = d["perplexity_base"]
+            cap["heldout_perplexity_change"] = d["perplexity"] / d["perplexity_base"] - 1
+            cap["heldout_kl"] = d["kl"]
+    if ref.corpus and (ref.base_weights or base_model is not None):
+        cap["corpus_kl"] = text_drift(model, ref.corpus, **base)["kl"]
     if ref.known_facts_total:
         cap["known_facts_accuracy"] = known_facts_accuracy(model, tokenizer, ref.known_facts, batch_size, progress)
         cap["known_facts_count"] = len(ref.known_facts)

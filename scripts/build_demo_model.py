@@ -27,7 +27,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from crispedit.evaluate import exact_match, generate, next_token_logprobs, perplexity  # noqa: E402
+from crispedit.evaluate import exact_match, generate, text_drift  # noqa: E402
 from crispedit.world import RELATIONS, TRAINED_TEMPLATES, build_world, fact_text, vocabulary  # noqa: E402
 
 CONFIG = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=8, num_attention_heads=4,
@@ -114,7 +114,7 @@ def main() -> None:
     ppl = {}
     for name, docs in (("train_documents", world.train_documents[:300]), ("heldout_narrative", world.heldout_narrative)):
         ids = [tok(d)["input_ids"] for d in docs]
-        ppl[name] = perplexity(next_token_logprobs(model, ids), ids)
+        ppl[name] = text_drift(model, ids)["perplexity"]
     known = report["template_0_trained"]
     print(json.dumps({"facts_known": report, "majority_baseline": majority, "perplexity": ppl}, indent=2))
 

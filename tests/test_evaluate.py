@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
-from crispedit.evaluate import (EvaluationError, QA_TEMPLATE, apply_template, cut_answer, exact_match, mean_kl,
-                                normalize_answer, perplexity, prepare_reference, score_requests, snapshot,
-                                teacher_forced, metric)
+from crispedit.evaluate import (EvaluationError, QA_TEMPLATE, apply_template, cut_answer, exact_match, measure, metric,
+                                normalize_answer, prepare_reference, score_requests, snapshot, teacher_forced,
+                                text_drift)
+from crispedit.layers import find_modules
 from crispedit.requests import EditRequest
 from models import char_tokenizer, tiny_hf
 
@@ -58,14 +61,24 @@ def test_an_unchanged_model_agrees_with_itself_and_scores_are_tagged():
     assert len(report["per_request"]) == 2 and "reliability/generation" in report["per_request"][0]
 
 
-def test_capability_measures():
+def test_capability_measures_against_a_direct_computation():
     model = tiny_hf("llama", layers=2, std=0.1)
     docs = [TOK("the cat sat on the mat.")["input_ids"], TOK("a dog ran.")["input_ids"]]
-    ref = prepare_reference(model, TOK, [], heldout=docs, corpus=docs)
+    modules = find_modules(model, [1])
+    ref = prepare_reference(model, TOK, [], heldout=docs, corpus=docs, modules=modules)
     cap = ref.before["capability"]
-    assert cap["heldout_kl"] == pytest.approx(0.0, abs=1e-12) and cap["heldout_perplexity_change"] == pytest.approx(0.0, abs=1e-12)
-    lp = ref.heldout_logprobs
-    nll = -sum(float(l[torch.arange(len(d) - 1), torch.tensor(d[1:])].sum()) for l, d in zip(lp, docs))
-    assert perplexity(lp, docs) == pytest.approx(float(torch.exp(torch.tensor(nll / sum(len(d) - 1 for d in docs)))), rel=1e-6)
-    shifted = [l.roll(1, -1) for l in lp]
-    assert mean_kl(lp, shifted) > 0
+    assert cap["heldout_kl"] == 0.0 and cap["heldout_perplexity_change"] == 0.0 and cap["corpus_kl"] == 0.0
+    with torch.no_grad():
+        base = [torch.log_softmax(model(input_ids=torch.tensor([d])).logits[0, :-1].double(), -1) for d in docs]
+        modules["model.layers.1.mlp.down_proj"].weight.add_(0.05)
+        edited = [torch.log_softmax(model(input_ids=torch.tensor([d])).logits[0, :-1].double(), -1) for d in docs]
+    n = sum(len(d) - 1 for d in docs)
+    kl = sum(float((p.exp() * (p - q)).sum()) for p, q in zip(base, edited)) / n
+    nll = -sum(float(q[torch.arange(len(d) - 1), torch.tensor(d[1:])].sum()) for q, d in zip(edited, docs)) / n
+    d = text_drift(model, docs, base_weights=ref.base_weights, batch_size=1)
+    assert d["kl"] == pytest.approx(kl, rel=1e-9) and d["perplexity"] == pytest.approx(math.exp(nll), rel=1e-9)
+    assert text_drift(model, docs, base_weights=ref.base_weights, batch_size=2)["kl"] == pytest.approx(kl, rel=1e-6)  # padding
+    after = measure(model, TOK, ref)["capability"]
+    assert after["heldout_kl"] == pytest.approx(kl, rel=1e-6) and after["heldout_kl"] > 0
+    base_model = tiny_hf("llama", layers=2, std=0.1)  # the same seed: the base, as a separate model
+    assert text_drift(model, docs, base_model=base_model)["kl"] == pytest.approx(kl, rel=1e-6)

@@ -114,7 +114,7 @@ def test_single_linear_layer_squared_error(scale):
 def test_predicted_drift_is_the_measured_kl_in_nats_per_token_where_kfac_is_exact():
     """Toy model, repeated token (an exact case): ½ ΔᵀHΔ equals the mean per-token KL(base ‖ stepped)
     to second order, so measured/predicted → 1 linearly in the step size."""
-    from crispedit.evaluate import mean_kl, next_token_logprobs
+    from crispedit.evaluate import text_drift
     from crispedit.projector import KroneckerProjector
 
     model = Toy()
@@ -122,14 +122,13 @@ def test_predicted_drift_is_the_measured_kl_in_nats_per_token_where_kfac_is_exac
     forward = lambda ids, attn: model(ids)  # noqa: E731
     stats = collect(model, {"fc1": model.fc1}, docs, labels="exact", forward=forward, dtype=torch.float64)
     P = KroneckerProjector.from_factors(stats.A["fc1"], stats.G["fc1"], 0.0, dtype=torch.float64)
-    base = next_token_logprobs(model, docs, forward=forward)
     direction = torch.randn(model.fc1.weight.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     W = model.fc1.weight.detach().clone()
     errors = []
     for eps in (1e-2, 1e-4):
         with torch.no_grad():
             model.fc1.weight.copy_(W + eps * direction)
-        measured = mean_kl(base, next_token_logprobs(model, docs, forward=forward))
+        measured = text_drift(model, docs, base_weights={"fc1": W}, forward=forward)["kl"]
         errors.append(abs(measured / P.predicted_drift(eps * direction) - 1))
     with torch.no_grad():
         model.fc1.weight.copy_(W)
