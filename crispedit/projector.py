@@ -113,7 +113,7 @@ def project(X: Tensor, U_A: Tensor, U_G: Tensor | None, mask: Tensor) -> Tensor:
     C = X.to(dtype) @ U_A
     if U_G is not None:
         C = U_G.T @ C
-    C = C * mask.to(dtype)
+    C = C * (mask if mask.dtype == dtype else mask.to(dtype))
     if U_G is not None:
         C = U_G @ C
     return (C @ U_A.T).to(X.dtype)
@@ -176,15 +176,15 @@ class KroneckerProjector:
         G_ = Eigen(G.values, G.vectors.to(dtype))
         return cls(A_, G_, mask.to(A.vectors.device), t, identity_G, dtype)
 
-    @property
-    def is_identity(self) -> bool:
-        return bool(self.mask.all())
+    def __post_init__(self) -> None:
+        self.is_identity = bool(self.mask.all())
+        self._mask = self.mask.to(self.dtype)  # the mask as a factor, converted once
 
     def project(self, X: Tensor) -> Tensor:
         """Project ``X`` (shape ``d_out × d_in``); exactly ``X`` when nothing is removed."""
         if self.is_identity:
             return X
-        return project(X, self.A.vectors, None if self.identity_G else self.G.vectors, self.mask)
+        return project(X, self.A.vectors, None if self.identity_G else self.G.vectors, self._mask)
 
     def predicted_drift(self, X: Tensor) -> float:
         """``½ tr(Xᵀ G X A)`` with the capability factors, over all coordinates."""
