@@ -136,9 +136,7 @@ def run_curvature(o: CurvatureOptions) -> int:
     out_file = Path(o.out) / "curvature.safetensors"
     if out_file.exists() and not o.overwrite:
         raise UsageError(f"--out {out_file}: exists; pass --overwrite to replace it")
-    for c in o.corpus:
-        if not Path(c).exists():
-            raise UsageError(f"--corpus {c}: no such file or directory")
+    _check_paths(corpus=o.corpus)
     model, tokenizer = load_model(o.model, o.device, o.dtype)
     modules = find_modules(model, parse_layers(o.layers), o.module)
     print(f"layers: {', '.join(modules)}" + (" (auto)" if o.layers == "auto" else ""), file=sys.stderr)
@@ -292,7 +290,7 @@ def run_evaluate(o: EvaluateOptions) -> int:
     from .evaluate import measure, prepare_reference
     from .model import load_model
     from .requests import read_requests
-    from .saving import DELTA_FILE, read_delta, write_json
+    from .saving import DELTA_FILE, read_delta, shifted, write_json
 
     _check_paths(requests=o.requests, heldout=o.heldout, known_facts=o.known_facts)
     if o.out and Path(o.out).exists() and not o.overwrite:
@@ -308,8 +306,7 @@ def run_evaluate(o: EvaluateOptions) -> int:
         deltas, _ = read_delta(o.model)
         del base
         edited, _ = load_model(o.model, o.device, o.dtype)
-        ref.base_weights = {n: (edited.get_submodule(n).weight.detach().to(D.dtype) - D.to(edited.device))
-                            .to(edited.get_submodule(n).weight.dtype) for n, D in deltas.items()}
+        ref.base_weights = {n: shifted(edited.get_submodule(n).weight.detach(), D, -1) for n, D in deltas.items()}
         after = measure(edited, tok, ref, progress=o.progress)
     else:  # any other pair of models: both stay in memory for the KL
         edited, _ = load_model(o.model, o.device, o.dtype)

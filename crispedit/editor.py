@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -45,7 +45,6 @@ class EditResult:
     epochs: int
     epoch_losses: list[float]
     seconds: float
-    report: dict[str, dict] = field(default_factory=dict)
 
 
 def eigenbases(stats: KFACStatistics, devices: dict[str, torch.device] | None = None) -> dict[str, tuple[Eigen, Eigen]]:

@@ -279,19 +279,17 @@ def metric(report: dict, name: str, protocol: str = "generation") -> float | Non
 # capability
 
 
-def known_facts_filter(model: nn.Module, tokenizer, facts, batch_size: int = 64, progress: bool = False) -> tuple[list, list[str]]:
+def known_facts_filter(model: nn.Module, tokenizer, facts, batch_size: int = 64, progress: bool = False) -> list:
     """The facts (request records whose ``target_new`` is the true answer) that the model answers
-    correctly by greedy generation, and the model's answers."""
+    correctly by greedy generation."""
     answers = generate(model, tokenizer, [f.prompt for f in facts], batch_size=batch_size, progress=progress)
-    kept = [f for f, a in zip(facts, answers) if exact_match(a, f.target_new)]
-    return kept, answers
+    return [f for f, a in zip(facts, answers) if exact_match(a, f.target_new)]
 
 
 def known_facts_accuracy(model: nn.Module, tokenizer, facts, batch_size: int = 64, progress: bool = False) -> float | None:
     if not facts:
         return None
-    answers = generate(model, tokenizer, [f.prompt for f in facts], batch_size=batch_size, progress=progress)
-    return sum(exact_match(a, f.target_new) for a, f in zip(answers, facts)) / len(facts)
+    return len(known_facts_filter(model, tokenizer, facts, batch_size, progress)) / len(facts)
 
 
 @dataclass
@@ -314,7 +312,7 @@ def prepare_reference(model: nn.Module, tokenizer, requests, template: str = "ra
     """The base model's answers, and a copy of the matrices in ``modules`` (those about to be
     edited), so that drift can later be measured on the same model with its base weights swapped in."""
     snap = snapshot(model, tokenizer, requests, template, batch_size, progress) if requests else None
-    known, _ = known_facts_filter(model, tokenizer, list(known_facts), batch_size, progress) if known_facts else ([], [])
+    known = known_facts_filter(model, tokenizer, list(known_facts), batch_size, progress) if known_facts else []
     base_weights = {n: m.weight.detach().clone() for n, m in (modules or {}).items()}
     ref = BaseReference(list(requests), snap, list(heldout), list(corpus), known, len(known_facts), base_weights)
     ref.before = measure(model, tokenizer, ref, batch_size=batch_size, progress=progress)

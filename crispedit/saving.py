@@ -35,6 +35,11 @@ def delta_dtype(weight_dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if weight_dtype in (torch.float32, torch.float64) else torch.float32
 
 
+def shifted(W: Tensor, delta: Tensor, sign: int = 1) -> Tensor:
+    """``(W.to(Δ.dtype) ± Δ).to(W.dtype)``: the edited (``sign=1``) or base (``sign=-1``) weight."""
+    return (W.to(delta.dtype) + sign * delta.to(W.device)).to(W.dtype)
+
+
 def weights_hash(weights: dict[str, Tensor]) -> str:
     """SHA-256 over the names, dtypes, shapes and bytes of the given matrices, in name order."""
     h = hashlib.sha256()
@@ -160,7 +165,6 @@ def apply_delta(model: nn.Module, deltas: dict[str, Tensor], manifest: dict, sig
         raise SaveError(f"the model's edited matrices are not the {what} weights this delta was made for (hash differs)")
     with torch.no_grad():
         for n, m in modules.items():
-            D = deltas[n].to(m.weight.device)
-            m.weight.copy_((m.weight.to(D.dtype) + sign * D).to(m.weight.dtype))
+            m.weight.copy_(shifted(m.weight, deltas[n], sign))
     if weights_hash(weights) != expect_after:
         raise SaveError("applying the delta did not reproduce the expected weights bit for bit")
