@@ -100,32 +100,24 @@ def sampled_stories(model, tok, n: int, seed: int) -> list[list[int]]:
     return docs
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "stories260k.json"))
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--lr", type=float, nargs="+", default=[5e-4, 2e-3])
-    a = ap.parse_args()
-    if not MODEL.exists():
-        sys.exit(f"{MODEL} not present: this benchmark needs ../shared/models/stories260K")
-    torch.set_num_threads(a.threads)
+def stories_benchmark(seed: int = 0, lrs: tuple[float, ...] = (5e-4, 2e-3)) -> dict:
+    """Build the edit set, edit with every method at every learning rate, return the aggregates."""
     model, tok = load_model(str(MODEL), "cpu", "float32")
     modules = find_modules(model, "auto")
-    requests, frames = build_requests(model, tok, a.seed)
-    stories = sampled_stories(model, tok, SAMPLES, a.seed)
+    requests, frames = build_requests(model, tok, seed)
+    stories = sampled_stories(model, tok, SAMPLES, seed)
     curvature_docs, heldout = stories[: SAMPLES // 2], stories[SAMPLES // 2 :]
     known = [EditRequest(r.locality[0][0], r.locality[0][1], case_id=r.case_id) for r in requests]
-    stats = collect(model, modules, curvature_docs, labels="sampled", seed=a.seed)
+    stats = collect(model, modules, curvature_docs, labels="sampled", seed=seed)
     eig = eigenbases(stats)
     ref = prepare_reference(model, tok, requests, "raw", heldout, curvature_docs, known, modules=modules)
     base = {n: m.weight.detach().clone() for n, m in modules.items()}
     rows = []
-    for lr in a.lr:
+    for lr in lrs:
         for method, gamma in [("ft", 0.0), ("crispedit", 0.8), ("nullspace", 0.8), ("crispedit", 0.9), ("crispedit", 0.95)]:
             P = build_projectors(eig, method, gamma)
             t0 = time.perf_counter()
-            result = edit(model, tok, requests, modules, P, lr=lr, seed=a.seed)
+            result = edit(model, tok, requests, modules, P, lr=lr, seed=seed)
             drift = drift_report(result.deltas, modules, eig, P)
             after = measure(model, tok, ref)
             cap = after["capability"]
@@ -144,15 +136,27 @@ def main() -> None:
             with torch.no_grad():
                 for n, m in modules.items():
                     m.weight.copy_(base[n])
-    results = {
+    return {
         "version": __version__, "model": "stories260K", "model_sha256": hashlib.sha256((MODEL / "model.safetensors").read_bytes()).hexdigest(),
-        "seed": a.seed, "threads": a.threads, "layers": list(modules), "frames": frames, "requests": len(requests),
+        "seed": seed, "threads": torch.get_num_threads(), "layers": list(modules), "frames": frames, "requests": len(requests),
         "known_locality_prompts": len(ref.known_facts), "curvature_tokens": stats.meta["tokens"],
         "heldout_documents": len(heldout), "heldout_perplexity_base": ref.before["capability"]["heldout_perplexity"],
         "base": {m: metric(ref.before, m) for m in ("reliability", "generalization", "locality_agreement", "locality_accuracy")},
         "schedule": "SPEC 1.6: Adam, batch 32, up to 25 epochs, loss threshold 1e-2", "rows": rows,
     }
-    print(f"-> {write_results(results, a.out)}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "stories260k.json"))
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--lr", type=float, nargs="+", default=[5e-4, 2e-3])
+    a = ap.parse_args()
+    if not MODEL.exists():
+        sys.exit(f"{MODEL} not present: this benchmark needs ../shared/models/stories260K")
+    torch.set_num_threads(a.threads)
+    print(f"-> {write_results(stories_benchmark(a.seed, tuple(a.lr)), a.out)}")
 
 
 if __name__ == "__main__":

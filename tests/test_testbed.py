@@ -1,0 +1,86 @@
+"""The testbed builder's fact selection and the benchmark's bookkeeping (benchmarks/)."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+from bench_testbed import cached, grid, matched  # noqa: E402
+from build_testbed import majority_baseline, mentions, select_facts, statements, wikitext_articles  # noqa: E402
+
+
+def record(i, subject, prompt, truth, rephrase=None, loc=None, loc_truth=None):
+    return {"case_id": i, "subject": subject, "prompt": prompt.format(subject), "ground_truth": truth, "target_new": "X",
+            "rephrase_prompt": (rephrase or "{} speaks").format(subject), "locality_prompt": loc or f"Someone{i} speaks",
+            "locality_ground_truth": loc_truth or truth}
+
+
+def test_conflicting_records_are_dropped():
+    recs = [record(0, "Ann", "The tongue of {} is", "French"),
+            record(1, "Bob", "The tongue of {} is", "Dutch", loc="The tongue of Ann is", loc_truth="English"),
+            record(2, "Cy", "The tongue of {} is", "Dutch")]
+    edit, unedited, report = select_facts(recs, n_edit=10, n_unedited=10, seed=0)
+    assert report["dropped_conflicting"] == 2  # Ann's prompt has two answers: both records go
+    assert [r["case_id"] for r in edit + unedited] == [2]
+
+
+def test_split_by_subject_and_locality_about_edited_subjects_dropped():
+    recs = [record(i, s, "The tongue of {} is", "French", rephrase=f"{{}} talks #{i}", loc=f"The friend of {o} speaks #{i}")
+            for i, (s, o) in enumerate([("Ann", "Bob"), ("Ann", "Zed"), ("Bob", "Ann"), ("Cy", "Ann"), ("Dee", "Zed")])]
+    for r in recs:  # one prompt per record, so none conflicts
+        r["prompt"] += f" #{r['case_id']}"
+    edit, unedited, report = select_facts(recs, n_edit=2, n_unedited=10, seed=0)
+    edited_subjects = {r["subject"] for r in edit}
+    assert not edited_subjects & {r["subject"] for r in unedited}  # a subject is in one pool only
+    assert len(edit) >= 2
+    about = mentions(edited_subjects)
+    for r in edit:
+        assert "locality_prompt" not in r or not about(r["locality_prompt"])
+    for r in unedited:
+        assert not about(r["prompt"] + " " + r["rephrase_prompt"] + " " + r["locality_prompt"])
+    dropped = sum("locality_prompt" not in r for r in edit)
+    assert report["locality_prompts_dropped"] == dropped
+    assert sum(len(statements([r])) for r in edit) == 3 * len(edit) - dropped
+
+
+def test_mentions_whole_words_only():
+    about = mentions({"Paul", "New York"})
+    assert about("Paul is a native speaker of") and about("born in New York")
+    assert not about("Paula is") and not about("Pauline")
+
+
+def test_majority_baseline_is_per_template():
+    recs = [record(i, s, "{} is located in", a) for i, (s, a) in enumerate([("A", "X"), ("B", "X"), ("C", "Y")])]
+    recs.append(record(3, "D", "{} plays", "Z"))
+    assert majority_baseline(recs) == pytest.approx(3 / 4)
+
+
+def test_wikitext_articles(tmp_path):
+    f = tmp_path / "w.txt"
+    f.write_text(" \n = One = \n \n First para . \n \n = = Section = = \n Second para . \n = Two = \n Third . \n")
+    assert wikitext_articles(f) == [["First para .", "Second para ."], ["Third ."]]
+
+
+def test_grid_and_matched_reliability():
+    runs = grid(1000, 3000)
+    assert len(runs) == 1 + 3 * 5 + 1 + 2 and sum(r["n"] == 3000 for r in runs) == 2
+    assert len(grid(1000, None)) == 17
+    rows = [dict(r, **{"reliability/generation": rel, "heldout_kl": kl, "generalization/generation": 0.1,
+                       "locality_agreement/generation": 0.9, "known_facts_accuracy": 0.9, "known_facts_base": 1.0,
+                       "predicted_kl": kl, "heldout_perplexity_change": 0.0})
+            for r, rel, kl in [(runs[0], 1.0, 0.3), (runs[1], 0.95, 0.05), (runs[4], 0.92, 0.02), (runs[7], 0.5, 0.01)]]
+    m = matched(rows, 1000)
+    assert m["best"]["ft"]["heldout_kl"] == 0.3
+    assert m["best"]["crispedit (sampled)"]["gamma"] == 0.8  # γ 0.9's lower KL does not count: reliability 0.5
+    assert m["families_below_level"] == []
+    strict = matched(rows, 1000, level=0.96)
+    assert list(strict["best"]) == ["ft"] and strict["families_below_level"] == ["crispedit (sampled)"]
+
+
+def test_cached_computes_once(tmp_path):
+    calls = []
+    assert cached(tmp_path / "a" / "x.json", lambda: calls.append(1) or {"v": 1}) == {"v": 1}
+    assert cached(tmp_path / "a" / "x.json", lambda: calls.append(1) or {"v": 2}) == {"v": 1}
+    assert calls == [1]
