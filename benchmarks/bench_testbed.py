@@ -171,7 +171,7 @@ def main() -> None:
         ref = references[n]
         P = build_projectors(eig[spec["labels"] + ("+facts" if "corpus" in spec else "")], spec["method"], spec["gamma"])
         result = edit(model, tok, usable[:n], modules, P, optimizer=spec["optimizer"], lr=a.lr, epochs=a.epochs, seed=a.seed)
-        drift = drift_report(result.deltas, modules, eig[spec["labels"]], P)  # predicted KL: WikiText curvature
+        drift = drift_report(result.deltas, modules, eig[spec["labels"]], P)  # predicted KL: WikiText-only curvature
         after = measure(model, tok, ref)
         with torch.no_grad():
             for name, m in modules.items():
