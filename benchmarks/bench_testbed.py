@@ -93,10 +93,7 @@ def cached(path: Path, compute):
     if path.exists():
         return json.loads(path.read_text())
     value = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(value) + "\n")
-    tmp.replace(path)
+    write_results(value, path)
     return value
 
 

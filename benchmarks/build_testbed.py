@@ -35,12 +35,9 @@ import argparse
 import hashlib
 import json
 import math
-import os
 import random
 import re
-import shutil
 import sys
-import tempfile
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -53,6 +50,7 @@ sys.path.insert(0, str(ROOT))
 
 from crispedit.evaluate import exact_match, generate, text_drift  # noqa: E402
 from crispedit.requests import edit_text  # noqa: E402
+from crispedit.saving import TempDir  # noqa: E402
 
 DEFAULT_OUT = Path.home() / ".cache" / "crispedit" / "testbeds"
 CONFIG = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
@@ -345,19 +343,15 @@ def main() -> None:
     print(json.dumps({k: report[k] for k in ("facts", "fact_accuracy_by_generation", "majority_baseline_by_template",
                                              "perplexity", "heldout_over_train_perplexity")}, indent=2))
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    for name, recs in (("edit.jsonl", edit_pool), ("unedited.jsonl", unedited)):
-        (tmp / name).write_text("".join(json.dumps(r) + "\n" for r in recs), encoding="utf-8")
-    for name, docs in (("curvature.txt", curvature), ("heldout.txt", heldout)):
-        (tmp / name).write_text("".join(d + "\n" for d in docs), encoding="utf-8")
-    report["testbed_sha256"] = sha256_dir(tmp)
-    (tmp / "build.json").write_text(json.dumps(report, indent=2) + "\n")
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    with TempDir(out) as tmp:  # renamed to ``out`` when complete, removed on failure
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        for name, recs in (("edit.jsonl", edit_pool), ("unedited.jsonl", unedited)):
+            (tmp / name).write_text("".join(json.dumps(r) + "\n" for r in recs), encoding="utf-8")
+        for name, docs in (("curvature.txt", curvature), ("heldout.txt", heldout)):
+            (tmp / name).write_text("".join(d + "\n" for d in docs), encoding="utf-8")
+        report["testbed_sha256"] = sha256_dir(tmp)
+        (tmp / "build.json").write_text(json.dumps(report, indent=2) + "\n")
     print(f"trained in {train_wall / 60:.1f} min wall, {train_cpu / 60:.1f} CPU-min -> {out}")
 
 

@@ -85,7 +85,7 @@ def write_json(obj, path: str | Path) -> None:
         raise SaveError(f"{path}: could not write ({e.strerror or e})") from None
 
 
-class _TempDir:
+class TempDir:
     """A temporary sibling of ``out`` that becomes ``out`` on success and vanishes on failure."""
 
     def __init__(self, out: Path):
@@ -115,7 +115,7 @@ def _write_model(model: nn.Module, tokenizer, directory: Path) -> None:
 def save_model(model: nn.Module, tokenizer, out: str | Path, overwrite: bool = False) -> Path:
     """``save_pretrained`` of model and tokenizer into ``out``, atomically."""
     out = prepare_out(out, overwrite)
-    with _TempDir(out) as tmp:
+    with TempDir(out) as tmp:
         _write_model(model, tokenizer, tmp)
     return out
 
@@ -124,7 +124,7 @@ def save_edit(model: nn.Module, tokenizer, modules: dict[str, nn.Module], base_w
               manifest: dict, out: str | Path, overwrite: bool = False, extra: dict | None = None) -> Path:
     """Write the edited model, the delta, the manifest and ``extra`` JSON files into ``out`` (atomically)."""
     out = prepare_out(out, overwrite)
-    with _TempDir(out) as tmp:
+    with TempDir(out) as tmp:
         _write_model(model, tokenizer, tmp)
         deltas = {}
         for n, m in modules.items():
