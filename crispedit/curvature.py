@@ -22,13 +22,12 @@ first hooked output becomes a leaf, so no weight gradient is formed and backward
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import time
 from array import array
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,15 +39,13 @@ from torch import Tensor, nn
 from . import __version__
 from .corpus import fingerprint
 from .layers import is_conv1d, weight_shape
+from .running import Forward, frozen, full_precision, hf_forward, input_device, pad_batch
 
 LABEL_MODES = ("sampled", "empirical", "exact")
 FILE_NAME = "curvature.safetensors"
 FORMAT = "crispedit.kfac/1"
 # exact mode: refuse more than this many backward vectors (V × N) unless raised explicitly.
 EXACT_LIMIT = 2_000_000
-
-Forward = Callable[[Tensor, Tensor], Tensor]  # (input_ids, attention_mask) -> logits [B, T, V]
-
 
 class StatisticsError(ValueError):
     """Statistics that cannot be computed, saved, loaded or merged as asked."""
@@ -131,27 +128,6 @@ class KFACHooks:
         self.G_sum[name].addmm_(g.T, g, alpha=self.g_scale)
 
 
-@contextlib.contextmanager
-def frozen(model: nn.Module, trainable: Sequence[Tensor] = ()):
-    """Eval mode (no dropout) and gradients for ``trainable`` only, for the duration; the flags,
-    the mode and the gradients of ``trainable`` are restored afterwards."""
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    training = model.training
-    model.eval()
-    for p, _ in flags:
-        p.requires_grad_(False)
-    for t in trainable:
-        t.requires_grad_(True)
-    try:
-        yield
-    finally:
-        for t in trainable:
-            t.grad = None
-        for p, f in flags:
-            p.requires_grad_(f)
-        model.train(training)
-
-
 def document_seed(seed: int, ids: Sequence[int]) -> int:
     """Seed of a document's label generator: a hash of (seed, token ids)."""
     h = hashlib.blake2b(digest_size=8)
@@ -164,23 +140,6 @@ def document_uniforms(seed: int, ids: Sequence[int], mc_samples: int) -> Tensor:
     """``[mc_samples, len(ids)]`` float64 uniforms; column ``t`` draws the label of position ``t``."""
     gen = torch.Generator().manual_seed(document_seed(seed, ids))
     return torch.rand(mc_samples, len(ids), generator=gen, dtype=torch.float64)
-
-
-def _pad(docs: Sequence[Sequence[int]], positions: Sequence[Sequence[int]], device) -> tuple[Tensor, Tensor, Tensor]:
-    """Right-padded ids, attention mask and label mask (``[B, T]`` each)."""
-    T = max(len(d) for d in docs)
-    ids = torch.zeros(len(docs), T, dtype=torch.long)
-    attn = torch.zeros(len(docs), T, dtype=torch.long)
-    rows = torch.zeros(len(docs), T, dtype=torch.bool)
-    for b, (d, pos) in enumerate(zip(docs, positions)):
-        ids[b, : len(d)] = torch.tensor(d, dtype=torch.long)
-        attn[b, : len(d)] = 1
-        rows[b, list(pos)] = True
-    return ids.to(device), attn.to(device), rows.to(device)
-
-
-def _hf_forward(model: nn.Module) -> Forward:
-    return lambda ids, attn: model(input_ids=ids, attention_mask=attn, use_cache=False).logits
 
 
 def _check_positions(docs: Sequence[Sequence[int]], positions: Sequence[Sequence[int]]) -> None:
@@ -224,8 +183,8 @@ def collect(
     N = sum(len(p) for p in positions)
     if N == 0:
         raise StatisticsError("the corpus has no labelled position (every document is shorter than two tokens)")
-    forward = forward or _hf_forward(model)
-    device = _input_device(model)
+    forward = forward or hf_forward(model)
+    device = input_device(model)
     if labels == "exact":
         vocab = _vocab_size(model, forward, documents[0], device)
         if vocab * N > exact_limit:
@@ -238,12 +197,12 @@ def collect(
     bar = _progress(len(documents), progress)
     seen = 0
     start = time.perf_counter()
-    with frozen(model), KFACHooks(modules, dtype) as hooks:
+    with frozen(model), full_precision(), KFACHooks(modules, dtype) as hooks:
         for lo in range(0, len(order), batch_size):
             idx = order[lo : lo + batch_size]
             docs = [documents[i] for i in idx]
             pos = [positions[i] for i in idx]
-            ids, attn, rows = _pad(docs, pos, device)
+            ids, attn, rows = pad_batch(docs, pos, device)
             if labels == "exact":
                 _exact_batch(hooks, forward, ids, attn, rows, exact_batch)
             else:
@@ -285,12 +244,6 @@ def collect(
         "time_s": elapsed,
     }
     return KFACStatistics(A, G, {n: N for n in modules}, meta)
-
-
-def _input_device(model: nn.Module) -> torch.device:
-    """Where input ids go: the embedding's device (``model.device`` for HF models, also with device_map)."""
-    dev = getattr(model, "device", None)
-    return dev if isinstance(dev, torch.device) else next(model.parameters()).device
 
 
 def _progress(total: int, enabled: bool):

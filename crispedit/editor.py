@@ -24,11 +24,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .curvature import KFACStatistics, _input_device, frozen
-from .evaluate import pad_id
+from .curvature import KFACStatistics
 from .layers import is_conv1d
 from .projector import Eigen, KroneckerProjector, eigh_factor, quadratic_form
 from .requests import EditRequest, edit_text
+from .running import frozen, input_device, pad_id
 
 METHODS = ("crispedit", "ft", "nullspace")
 OPTIMIZERS = ("adam", "sgd", "adam-projected-step")
@@ -129,7 +129,7 @@ def edit(
     from tqdm.auto import tqdm
 
     items = tokenize_requests(tokenizer, requests)
-    device, pad = _input_device(model), pad_id(tokenizer)
+    device, pad = input_device(model), pad_id(tokenizer)
     base = {n: m.weight.detach().clone() for n, m in modules.items()}
     weights = [m.weight for m in modules.values()]
     conv = {n: is_conv1d(m) for n, m in modules.items()}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -10,21 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from .curvature import _hf_forward, _input_device, _pad
-
-
-@contextlib.contextmanager
-def swapped_weights(model: nn.Module, weights: dict[str, Tensor]):
-    """Temporarily give the named matrices other weights (their base values, say); no copy."""
-    modules = {n: model.get_submodule(n) for n in weights}
-    saved = {n: m.weight.data for n, m in modules.items()}
-    try:
-        for n, m in modules.items():
-            m.weight.data = weights[n]
-        yield
-    finally:
-        for n, m in modules.items():
-            m.weight.data = saved[n]
+from .running import hf_forward, input_device, pad_batch, pad_id, swapped_weights
 
 
 @torch.no_grad()
@@ -34,14 +19,14 @@ def text_drift(model: nn.Module, documents: Sequence[Sequence[int]], base_weight
     given (``model`` with ``base_weights`` swapped in, or ``base_model``), the base's perplexity
     and the mean per-token ``KL(p_base ‖ p_model)`` in nats. Batch by batch: nothing of
     vocabulary size is kept between batches."""
-    forward = forward or _hf_forward(model)
-    device = _input_device(model)
+    forward = forward or hf_forward(model)
+    device = input_device(model)
     has_base = bool(base_weights) or base_model is not None
     nll = nll_base = kl = 0.0
     count = 0
     for lo in range(0, len(documents), batch_size):
         docs = documents[lo : lo + batch_size]
-        ids, attn, rows = _pad(docs, [range(len(d) - 1) for d in docs], device)
+        ids, attn, rows = pad_batch(docs, [range(len(d) - 1) for d in docs], device)
         nxt = torch.roll(ids, -1, dims=1).unsqueeze(-1)
 
         def logprobs(fw):
@@ -53,7 +38,7 @@ def text_drift(model: nn.Module, documents: Sequence[Sequence[int]], base_weight
         count += int(rows.sum())
         if has_base:
             if base_model is not None:
-                lp = logprobs(_hf_forward(base_model))
+                lp = logprobs(hf_forward(base_model))
             else:
                 with swapped_weights(model, base_weights):
                     lp = logprobs(forward)
@@ -97,21 +82,13 @@ def _stop_ids(tokenizer) -> list[int]:
     return cached
 
 
-def pad_id(tokenizer) -> int:
-    """Any id works under the attention mask; no token is ever added (SPEC §2.1)."""
-    for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.bos_token_id):
-        if tid is not None:
-            return tid
-    return 0
-
-
 @torch.no_grad()
 def generate(model: nn.Module, tokenizer, prompts: Sequence[str], max_new_tokens: int = MAX_NEW_TOKENS,
              batch_size: int = 64, progress: bool = False) -> list[str]:
     """Greedy continuations of ``prompts`` (left padding), cut at the first newline or '.'."""
     from tqdm.auto import tqdm
 
-    device = _input_device(model)
+    device = input_device(model)
     pad = pad_id(tokenizer)
     stops = _stop_ids(tokenizer)
     out: list[str] = []
@@ -163,7 +140,7 @@ def teacher_forced(model: nn.Module, tokenizer, prompts: Sequence[str], answers:
     """Per pair, (argmax predictions, answer tokens) at the answer's positions under teacher forcing."""
     from .requests import edit_text
 
-    device, pad = _input_device(model), pad_id(tokenizer)
+    device, pad = input_device(model), pad_id(tokenizer)
     out = []
     for lo in range(0, len(prompts), batch_size):
         items = []
