@@ -38,6 +38,7 @@ from torch import Tensor, nn
 
 from . import __version__
 from .corpus import fingerprint
+from .distributed import DistContext, shard
 from .layers import is_conv1d, weight_shape
 from .running import Forward, frozen, full_precision, hf_forward, input_device, pad_batch
 
@@ -46,6 +47,10 @@ FILE_NAME = "curvature.safetensors"
 FORMAT = "crispedit.kfac/1"
 # exact mode: refuse more than this many backward vectors (V × N) unless raised explicitly.
 EXACT_LIMIT = 2_000_000
+# data-parallel: each rank's record in the reduced buffer: its labelled-token count and 48 bits of
+# its corpus fingerprint as three 16-bit integers (exact in float32; a count over 2**24 is compared
+# after the same rounding on both sides).
+RECORD = 4
 
 class StatisticsError(ValueError):
     """Statistics that cannot be computed, saved, loaded or merged as asked."""
@@ -81,18 +86,37 @@ class KFACStatistics:
 
 class KFACHooks:
     """Forward hooks that add ``a aᵀ`` of the rows in ``self.rows`` to ``A_sum`` and, through a
-    tensor hook on the layer output, ``g gᵀ`` (scaled by ``g_scale``) to ``G_sum``."""
+    tensor hook on the layer output, ``g gᵀ`` (scaled by ``g_scale``) to ``G_sum``.
 
-    def __init__(self, modules: dict[str, nn.Module], dtype: torch.dtype):
+    The sums of the modules on one device are views of one flat buffer (``buffers[device]``), so
+    a data-parallel run reduces all of them with one ``all_reduce`` and no copy; ``extra`` slots at
+    the start of the first module's buffer (``self.extra``) travel with them.
+    """
+
+    def __init__(self, modules: dict[str, nn.Module], dtype: torch.dtype, extra: int = 0):
         self.modules = modules
         self.dtype = dtype
+        first = next(iter(modules.values())).weight.device
+        numel = {first: extra}
+        for m in modules.values():
+            d_out, d_in = weight_shape(m)
+            numel[m.weight.device] = numel.get(m.weight.device, 0) + d_in * d_in + d_out * d_out
+        self.buffers = {dev: torch.zeros(n, dtype=dtype, device=dev) for dev, n in numel.items()}
+        self.extra = self.buffers[first][:extra]
+        offset = {dev: 0 for dev in numel}
+        offset[first] = extra
+
+        def take(dev: torch.device, d: int) -> Tensor:
+            view = self.buffers[dev][offset[dev] : offset[dev] + d * d].view(d, d)
+            offset[dev] += d * d
+            return view
+
         self.A_sum: dict[str, Tensor] = {}
         self.G_sum: dict[str, Tensor] = {}
         for name, m in modules.items():
             d_out, d_in = weight_shape(m)
-            dev = m.weight.device
-            self.A_sum[name] = torch.zeros(d_in, d_in, dtype=dtype, device=dev)
-            self.G_sum[name] = torch.zeros(d_out, d_out, dtype=dtype, device=dev)
+            self.A_sum[name] = take(m.weight.device, d_in)
+            self.G_sum[name] = take(m.weight.device, d_out)
         self.rows: Tensor | None = None  # bool [B, T]: positions that carry a label
         self.collect_a = True
         self.g_scale = 1.0
@@ -163,12 +187,20 @@ def collect(
     exact_limit: int = EXACT_LIMIT,
     exact_batch: int = 64,
     progress: bool = False,
+    parallel: DistContext | None = None,
 ) -> KFACStatistics:
     """One pass over ``documents`` accumulating ``A`` and ``G`` for every module in ``modules``.
 
     ``label_positions[i]`` are the positions of document ``i`` that carry a label (default: all
     but the last). ``forward(ids, attention_mask) -> logits`` defaults to the HF call. Returns the
     factors divided by the number of labelled positions.
+
+    Data-parallel (``parallel``, an initialised process group): every rank passes the whole
+    corpus and runs its token-balanced shard (``distributed.shard``); one ``all_reduce`` (SUM, in
+    ``dtype``, on the device of the sums) of a flat buffer holding every sum and each rank's count
+    gives every rank the global sums, which it divides by the global count ``N``. Sampled labels
+    are seeded per document, so the factors are those of one process up to the order of float
+    additions; the fingerprint, documents and tokens are the corpus's. A rank may have no document.
     """
     if labels not in LABEL_MODES:
         raise StatisticsError(f"--labels must be one of {', '.join(LABEL_MODES)}, got {labels!r}")
@@ -183,6 +215,9 @@ def collect(
     N = sum(len(p) for p in positions)
     if N == 0:
         raise StatisticsError("the corpus has no labelled position (every document is shorter than two tokens)")
+    world, rank = (1, 0) if parallel is None else (parallel.world_size, parallel.rank)
+    if world > 1 and not torch.distributed.is_initialized():
+        raise StatisticsError(f"rank {rank} of {world}: the process group is not initialised (see distributed.init_from_env)")
     forward = forward or hf_forward(model)
     device = input_device(model)
     if labels == "exact":
@@ -193,11 +228,14 @@ def collect(
                 f" of {exact_limit:,}; use --labels sampled (its Monte-Carlo estimate) or fewer tokens"
             )
 
-    order = sorted(range(len(documents)), key=lambda i: -len(documents[i]))  # less padding
-    bar = _progress(len(documents), progress)
+    fp = fingerprint(documents)
+    shards = shard([len(d) for d in documents], world)
+    order = shards[rank]  # longest first: less padding
+    bar = _progress(len(order), progress and rank == 0)
     seen = 0
     start = time.perf_counter()
-    with frozen(model), full_precision(), KFACHooks(modules, dtype) as hooks:
+    extra = world * RECORD if world > 1 else 0
+    with frozen(model), full_precision(), KFACHooks(modules, dtype, extra) as hooks:
         for lo in range(0, len(order), batch_size):
             idx = order[lo : lo + batch_size]
             docs = [documents[i] for i in idx]
@@ -216,7 +254,9 @@ def collect(
             seen += sum(len(p) for p in pos)
             bar.update(len(idx))
             bar.set_postfix(tokens=seen)
-    bar.close()
+        bar.close()
+        if world > 1:
+            _all_reduce(hooks, parallel, seen, [sum(len(positions[i]) for i in s) for s in shards], fp)
     elapsed = time.perf_counter() - start
 
     A = {n: s / N for n, s in hooks.A_sum.items()}
@@ -231,12 +271,13 @@ def collect(
         "version": __version__,
         "model": getattr(cfg, "_name_or_path", None) or type(model).__name__,
         "model_type": getattr(cfg, "model_type", None),
-        "corpus_fingerprint": fingerprint(documents),
+        "corpus_fingerprint": fp,
         "labels": labels,
         "mc_samples": mc_samples if labels == "sampled" else None,
         "seed": seed if labels == "sampled" else None,
         "documents": len(documents),
         "tokens": N,
+        "world_size": world,
         "dtype": str(dtype).removeprefix("torch."),
         "model_dtype": str(next(iter(modules.values())).weight.dtype).removeprefix("torch."),
         "layers": {n: list(weight_shape(m)) for n, m in modules.items()},
@@ -244,6 +285,31 @@ def collect(
         "time_s": elapsed,
     }
     return KFACStatistics(A, G, {n: N for n in modules}, meta)
+
+
+def _rank_record(tokens: int, corpus_fingerprint: str) -> list[float]:
+    bits = int(corpus_fingerprint[:12], 16)
+    return [float(tokens), *(float((bits >> shift) & 0xFFFF) for shift in (32, 16, 0))]
+
+
+def _all_reduce(hooks: KFACHooks, parallel: DistContext, seen: int, shard_tokens: list[int], fp: str) -> None:
+    """Sum every rank's buffers in place (one ``all_reduce`` per device holding sums: one unless
+    the model is spread over devices), then check from the ranks' records that every rank read
+    the same corpus (fingerprint ``fp``) and counted exactly its shard (``shard_tokens[rank]``)."""
+    W = parallel.world_size
+    records = hooks.extra.view(W, RECORD)
+    records[parallel.rank] = torch.tensor(_rank_record(seen, fp), dtype=records.dtype)
+    for buf in hooks.buffers.values():
+        torch.distributed.all_reduce(buf)
+    expected = torch.tensor([_rank_record(t, fp) for t in shard_tokens], dtype=records.dtype)
+    got = records.cpu()
+    for r in range(W):
+        if not torch.equal(got[r], expected[r]):
+            why = (f"{int(got[r, 0]):,} labelled tokens in its shard, expected {int(expected[r, 0]):,}"
+                   if got[r, 0] != expected[r, 0] else "another corpus fingerprint")
+            raise StatisticsError(
+                f"rank {r} read another corpus than rank {parallel.rank} ({why}); every rank must read the same documents"
+            )
 
 
 def _progress(total: int, enabled: bool):
