@@ -17,8 +17,9 @@ AlphaEdit's closed-form update is a different algorithm and is not implemented h
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +30,7 @@ from .layers import is_conv1d
 from .projector import Eigen, KroneckerProjector, eigh_factor, quadratic_form
 from .requests import EditRequest, edit_text
 from .running import frozen, input_device, pad_id
+from .saving import delta_dtype
 
 METHODS = ("crispedit", "ft", "nullspace")
 OPTIMIZERS = ("adam", "sgd", "adam-projected-step")
@@ -40,7 +42,7 @@ class EditError(ValueError):
 
 @dataclass
 class EditResult:
-    deltas: dict[str, Tensor]  # ΔW per matrix, stored orientation, float64 for reports
+    deltas: dict[str, Tensor]  # ΔW per matrix, stored orientation, in the delta dtype
     steps: int  # optimiser steps taken (skipped batches not counted)
     epochs: int
     epoch_losses: list[float]
@@ -105,6 +107,175 @@ def _project(P: KroneckerProjector, X: Tensor, conv: bool) -> Tensor:
     return P.project(X.T).T if conv else P.project(X)
 
 
+def master_dtype(weight_dtype: torch.dtype) -> torch.dtype:
+    """Optimiser arithmetic never runs below float32: bf16/fp16 weights get float32 masters."""
+    return torch.promote_types(weight_dtype, torch.float32)
+
+
+class EditOptimizer:
+    """Master copies of the edited matrices and the optimiser over them.
+
+    A float32 or float64 model is its own master. A bf16 or fp16 model gets float32 masters: the
+    gradient (computed through the model's own weights) is upcast, projected and fed to Adam (or
+    SGD) on the master, whose moments are float32 too; the model's weights are then the master
+    rounded to their dtype. Without masters, steps of ~5e-4 on bf16 weights whose rounding step is
+    ~1e-4 are partly rounded away (and leave the subspace), and Adam's eps underflows in fp16.
+    The state persists across chunks of a sequential edit.
+    """
+
+    def __init__(self, modules: dict[str, nn.Module], optimizer: str = "adam", lr: float = 5e-4):
+        if optimizer not in OPTIMIZERS:
+            raise EditError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
+        self.modules = modules
+        self.kind = optimizer
+        self.conv = {n: is_conv1d(m) for n, m in modules.items()}
+        self.masters: dict[str, Tensor] = {}
+        for n, m in modules.items():
+            w = m.weight
+            self.masters[n] = w if w.dtype == master_dtype(w.dtype) else w.detach().to(master_dtype(w.dtype)).clone()
+        params = list(self.masters.values())
+        if optimizer == "sgd":
+            self.opt: torch.optim.Optimizer = torch.optim.SGD(params, lr=lr)
+        else:
+            self.opt = torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), weight_decay=0.0)
+
+    @property
+    def weights(self) -> list[Tensor]:
+        """The model's own edited weights (they carry the gradients)."""
+        return [m.weight for m in self.modules.values()]
+
+    @torch.no_grad()
+    def step(self, projectors: dict[str, KroneckerProjector], constrain: Callable[[dict[str, Tensor]], None] | None = None) -> None:
+        """Project each gradient, step, optionally project the step (``adam-projected-step``) and
+        apply ``constrain`` to the masters (a capability budget), then write the masters back."""
+        for n, m in self.modules.items():
+            master = self.masters[n]
+            master.grad = _project(projectors[n], m.weight.grad.to(master.dtype), self.conv[n])
+            if master is not m.weight:
+                m.weight.grad = None
+        before = {n: w.clone() for n, w in self.masters.items()} if self.kind == "adam-projected-step" else None
+        self.opt.step()
+        if before is not None:
+            for n, w in self.masters.items():
+                w.copy_(before[n] + _project(projectors[n], w - before[n], self.conv[n]))
+        if constrain is not None:
+            constrain(self.masters)
+        for n, m in self.modules.items():
+            if self.masters[n] is not m.weight:
+                m.weight.copy_(self.masters[n])
+            self.masters[n].grad = None
+
+    @torch.no_grad()
+    def reproject(self, projectors: dict[str, KroneckerProjector]) -> None:
+        """Project Adam's first moment onto a new subspace (after the projectors are rebuilt)."""
+        for n, w in self.masters.items():
+            state = self.opt.state.get(w)
+            if state and "exp_avg" in state:
+                state["exp_avg"].copy_(_project(projectors[n], state["exp_avg"], self.conv[n]))
+
+    @torch.no_grad()
+    def sync_from_model(self) -> None:
+        """Masters := the model's weights (after the weights were set from outside, e.g. a revert)."""
+        for n, m in self.modules.items():
+            if self.masters[n] is not m.weight:
+                self.masters[n].copy_(m.weight)
+
+    def state_tensors(self) -> tuple[dict[str, Tensor], dict]:
+        """The optimiser state as tensors (masters of bf16/fp16 models, Adam moments) and JSON (steps)."""
+        tensors, meta = {}, {"kind": self.kind, "steps": {}}
+        for n, w in self.masters.items():
+            if w is not self.modules[n].weight:
+                tensors[f"{n}.master"] = w.detach()
+            for key, value in self.opt.state.get(w, {}).items():
+                if key == "step":
+                    meta["steps"][n] = float(value)
+                elif isinstance(value, Tensor):
+                    tensors[f"{n}.{key}"] = value.detach()
+        return tensors, meta
+
+    @torch.no_grad()
+    def load_state(self, tensors: dict[str, Tensor], meta: dict) -> None:
+        """Restore what ``state_tensors`` returned, bit for bit."""
+        if meta.get("kind") != self.kind:
+            raise EditError(f"optimiser state of {meta.get('kind')!r}, expected {self.kind!r}")
+        for n, w in self.masters.items():
+            if w is not self.modules[n].weight:
+                w.copy_(tensors[f"{n}.master"])
+            if n in meta.get("steps", {}):
+                state = self.opt.state[w]
+                state["step"] = torch.tensor(meta["steps"][n], dtype=torch.float32)
+                for key in ("exp_avg", "exp_avg_sq"):
+                    state[key] = tensors[f"{n}.{key}"].to(w.device, w.dtype).clone()
+
+
+def run_epochs(
+    model: nn.Module,
+    tokenizer,
+    requests: Sequence[EditRequest],
+    projectors: dict[str, KroneckerProjector],
+    state: EditOptimizer,
+    batch_size: int = 32,
+    epochs: int = 25,
+    loss_threshold: float = 1e-2,
+    seed: int = 0,
+    progress: bool = False,
+    constrain: Callable[[dict[str, Tensor]], None] | None = None,
+    after_epoch: Callable[[int], None] | None = None,
+) -> tuple[int, list[float]]:
+    """The SPEC §1.6 loop over ``requests`` with the optimiser ``state``: returns (steps, epoch losses).
+
+    Up to ``epochs`` passes, reshuffled each epoch by a generator seeded with ``seed``; a batch whose
+    loss is below ``loss_threshold`` is skipped, and the loop stops when an epoch's mean loss (skipped
+    batches included) is below it. ``after_epoch(epoch)`` runs after each epoch that does not stop
+    the loop (a curvature refresh, say). A NaN or infinite loss is an error."""
+    from tqdm.auto import tqdm
+
+    if set(projectors) != set(state.modules):
+        raise EditError(f"projectors for {sorted(projectors)} but editing {sorted(state.modules)}")
+    if not requests:
+        raise EditError("no request to edit")
+    items = tokenize_requests(tokenizer, requests)
+    device, pad = input_device(model), pad_id(tokenizer)
+    gen = torch.Generator().manual_seed(seed)
+    batches = -(-len(items) // batch_size)
+    steps, epoch_losses = 0, []
+    # eval mode: no dropout, so the edit is a deterministic function of the seed
+    with frozen(model, state.weights), tqdm(total=epochs * batches, unit="step", desc="edit", disable=not progress) as bar:
+        for epoch in range(epochs):
+            order = torch.randperm(len(items), generator=gen).tolist()
+            losses = []
+            for lo in range(0, len(order), batch_size):
+                ids, attn, labels = _batch([items[i] for i in order[lo : lo + batch_size]], pad, device)
+                loss = edit_loss(model, ids, attn, labels)
+                value = loss.item()
+                if not math.isfinite(value):
+                    raise EditError(f"the edit loss became {value} at step {steps + 1} (epoch {epoch + 1}): the learning "
+                                    "rate is too high for this model, or its dtype overflows; nothing was saved")
+                losses.append(value)
+                bar.update(1)
+                if value < loss_threshold:
+                    continue  # already learnt
+                loss.backward()
+                state.step(projectors, constrain)
+                steps += 1
+                bar.set_postfix(loss=f"{value:.4f}", epoch=epoch + 1)
+            epoch_losses.append(sum(losses) / len(losses))
+            if epoch_losses[-1] < loss_threshold:
+                break
+            if after_epoch is not None and epoch + 1 < epochs:
+                after_epoch(epoch)
+        bar.total = bar.n
+    check_finite(state.modules)
+    return steps, epoch_losses
+
+
+def check_finite(modules: dict[str, nn.Module]) -> None:
+    """Refuse a model whose edited matrices hold NaN or inf (nothing broken is ever saved)."""
+    for n, m in modules.items():
+        if not torch.isfinite(m.weight).all():
+            raise EditError(f"{n}: the edited weights contain NaN or inf; nothing was saved")
+
+
 def edit(
     model: nn.Module,
     tokenizer,
@@ -119,69 +290,30 @@ def edit(
     seed: int = 0,
     progress: bool = False,
 ) -> EditResult:
-    """Edit ``model`` in place; returns ΔW per matrix and what the run did."""
-    if optimizer not in OPTIMIZERS:
-        raise EditError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
-    if set(projectors) != set(modules):
-        raise EditError(f"projectors for {sorted(projectors)} but editing {sorted(modules)}")
-    if not requests:
-        raise EditError("no request to edit")
-    from tqdm.auto import tqdm
-
-    items = tokenize_requests(tokenizer, requests)
-    device, pad = input_device(model), pad_id(tokenizer)
+    """Edit ``model`` in place, in one batch from its current weights; returns ΔW per matrix (in
+    the delta dtype: float64 for float32 models, float32 for bf16/fp16) and what the run did."""
+    state = EditOptimizer(modules, optimizer, lr)
     base = {n: m.weight.detach().clone() for n, m in modules.items()}
-    weights = [m.weight for m in modules.values()]
-    conv = {n: is_conv1d(m) for n, m in modules.items()}
-    if optimizer == "sgd":
-        opt = torch.optim.SGD(weights, lr=lr)
-    else:
-        opt = torch.optim.Adam(weights, lr=lr, betas=(0.9, 0.999), weight_decay=0.0)
-    gen = torch.Generator().manual_seed(seed)
-    steps, epoch_losses = 0, []
     start = time.perf_counter()
-    # eval mode: no dropout, so the edit is a deterministic function of the seed
-    with frozen(model, weights), tqdm(total=epochs, unit="epoch", desc="edit", disable=not progress) as bar:
-        for _ in range(epochs):
-            order = torch.randperm(len(items), generator=gen).tolist()
-            losses = []
-            for lo in range(0, len(order), batch_size):
-                ids, attn, labels = _batch([items[i] for i in order[lo : lo + batch_size]], pad, device)
-                loss = edit_loss(model, ids, attn, labels)
-                losses.append(loss.item())
-                if loss.item() < loss_threshold:
-                    continue  # already learnt
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                with torch.no_grad():
-                    for n, m in modules.items():
-                        m.weight.grad = _project(projectors[n], m.weight.grad, conv[n])
-                    before = [w.detach().clone() for w in weights] if optimizer == "adam-projected-step" else None
-                    opt.step()
-                    if before is not None:
-                        for (n, m), w0 in zip(modules.items(), before):
-                            m.weight.copy_(w0 + _project(projectors[n], m.weight - w0, conv[n]))
-                steps += 1
-            epoch_losses.append(sum(losses) / len(losses))
-            bar.update(1)
-            bar.set_postfix(loss=f"{epoch_losses[-1]:.4f}", steps=steps)
-            if epoch_losses[-1] < loss_threshold:
-                break
-    deltas = {n: m.weight.detach().double() - base[n].double() for n, m in modules.items()}
-    return EditResult(deltas, steps, len(epoch_losses), epoch_losses, time.perf_counter() - start)
+    steps, losses = run_epochs(model, tokenizer, requests, projectors, state, batch_size, epochs, loss_threshold,
+                               seed, progress)
+    deltas = {n: m.weight.detach().to(delta_dtype(m.weight.dtype)) - base[n].to(delta_dtype(m.weight.dtype))
+              for n, m in modules.items()}
+    return EditResult(deltas, steps, len(losses), losses, time.perf_counter() - start)
 
 
 def drift_report(deltas: dict[str, Tensor], modules: dict[str, nn.Module], eig: dict[str, tuple[Eigen, Eigen]],
                  projectors: dict[str, KroneckerProjector]) -> dict[str, dict]:
     """Per matrix and summed: ‖ΔW‖/‖W‖, the K-FAC predicted drift ½ tr(ΔWᵀ G ΔW A) with the
     capability factors (whatever the method), and the part of it outside the method's kept
-    subspace, ½ q(ΔW − P ΔW). ``modules`` hold the edited weights, ``deltas`` are float64."""
+    subspace, ½ q(ΔW − P ΔW). ``modules`` hold the edited weights; the arithmetic is float64."""
     rows: dict[str, dict] = {}
     sq_delta = sq_base = 0.0
     for n, m in modules.items():
         conv = is_conv1d(m)
-        D = deltas[n].T if conv else deltas[n]
-        W0 = (m.weight.detach().double() - deltas[n]).T if conv else m.weight.detach().double() - deltas[n]
+        D = deltas[n].double().to(m.weight.device)
+        W0 = m.weight.detach().double() - D
+        D, W0 = (D.T, W0.T) if conv else (D, W0)
         eA, eG = eig[n]
         P = projectors[n]
         outside = 0.0 if P.is_identity else quadratic_form(D - P.project(D.to(P.dtype)).double(), eA, eG)
