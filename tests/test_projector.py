@@ -5,7 +5,20 @@ from __future__ import annotations
 import pytest
 import torch
 
-from crispedit.projector import CurvatureError, Eigen, KroneckerProjector, eigh_factor, energy_threshold, project
+from crispedit.projector import (
+    CurvatureError,
+    Eigen,
+    KroneckerProjector,
+    eigh_errors,
+    eigh_factor,
+    energy_threshold,
+    kept_mask,
+    project,
+    projection_flops,
+    removed_per_column,
+    row_lengths,
+    staircase_mask,
+)
 from dense import dense_projector, vec
 
 # float64 on 6×4 matrices: only rounding of a few matmuls.
@@ -167,3 +180,255 @@ def test_project_function_with_identity_g_is_a_column_projection():
     X = torch.randn(4, 6, dtype=torch.float64)
     U = e.vectors[:, 3:]
     torch.testing.assert_close(project(X, e.vectors, None, mask), X @ U @ U.T, rtol=0, atol=EXACT_TOL)
+
+
+# ---------------------------------------------------------------------------------------------
+# the staircase, the cheap forms, precision, the float32 eigh check
+
+FORMS_X = ["dense", "corner"]
+FORMS_FACTORS = ["dense", "corner", "factors", "factors_dense"]
+# (d_out, d_in): wide, tall and square, so every association order and split gets exercised
+SHAPES = [(4, 6), (9, 5), (7, 13)]
+# bf16 keeps 8 mantissa bits (relative rounding 2^-9 ≈ 2e-3 per input), TF32 keeps 10 (2^-11 ≈ 5e-4);
+# a handful of chained roundings on these small matrices stays below 5× that.
+BF16_TOL, TF32_TOL = 1e-2, 2.5e-3
+
+
+def _decaying_psd(d: int, seed: int) -> torch.Tensor:
+    """A covariance with a power-law spectrum ``(1 + i)^-1.5``: its staircases have many steps and
+    their cheapest split rows lie inside the corner (0 < p < r_G) for several gammas."""
+    g = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+    values = (1.0 + torch.arange(d, dtype=torch.float64)) ** -1.5
+    return Q @ torch.diag(values) @ Q.T
+
+
+def _projector(shape, gamma, identity_G=False, seed=0, dtype=torch.float64, **kw):
+    d_out, d_in = shape
+    return KroneckerProjector.from_factors(_decaying_psd(d_in, seed), _decaying_psd(d_out, seed + 50), gamma,
+                                           identity_G=identity_G, dtype=dtype, **kw)
+
+
+def _dense_of(P):
+    U_G = torch.eye(P.d_out, dtype=torch.float64) if P.identity_G else P.G.vectors.double()
+    return dense_projector(P.A.vectors.double(), U_G, P.mask)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("gamma", GAMMAS)
+@pytest.mark.parametrize("identity_G", [False, True], ids=["A⊗G", "G=I"])
+def test_every_form_equals_the_dense_projector(shape, gamma, identity_G):
+    P = _projector(shape, gamma, identity_G)
+    D = _dense_of(P)
+    gen = torch.Generator().manual_seed(4)
+    X = torch.randn(*shape, dtype=torch.float64, generator=gen)
+    for form in FORMS_X:
+        torch.testing.assert_close(vec(P.project(X, form=form)), D @ vec(X), rtol=0, atol=EXACT_TOL)
+    for T in (1, 3, 40):  # fewer and more positions than either dimension
+        g = torch.randn(T, shape[0], dtype=torch.float64, generator=gen)
+        a = torch.randn(T, shape[1], dtype=torch.float64, generator=gen)
+        want = D @ vec(g.T @ a)
+        for form in FORMS_FACTORS:
+            torch.testing.assert_close(vec(P.project_factors(g, a, form=form)), want, rtol=0, atol=EXACT_TOL)
+            torch.testing.assert_close(vec(P.project_factors(g, a, X=g.T @ a, form=form)), want, rtol=0, atol=EXACT_TOL)
+        torch.testing.assert_close(vec(P.project_factors(g.reshape(T, 1, -1), a.reshape(T, 1, -1))), want, rtol=0, atol=EXACT_TOL)
+
+
+@pytest.mark.parametrize("gamma", [0.5, 0.8, 0.9])
+def test_every_split_row_of_the_corner_is_the_same_projector(gamma):
+    P = _projector((9, 13), gamma)
+    assert 1 < P.r_G and 1 < P.r_A and P.threshold.removed < P.r_G * P.r_A  # a staircase, not a rectangle
+    X = torch.randn(9, 13, dtype=torch.float64)
+    g, a = torch.randn(5, 9, dtype=torch.float64), torch.randn(5, 13, dtype=torch.float64)
+    want, want_f = P.project(X, form="dense"), P.project(g.T @ a, form="dense")
+    for p in range(P.r_G + 1):  # the private executor, to reach every split, not only the cheapest
+        torch.testing.assert_close(P._corner(X, None, None, p), want, rtol=0, atol=EXACT_TOL)
+        torch.testing.assert_close(P._corner(g.T @ a, g, a, p), want_f, rtol=0, atol=EXACT_TOL)
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("identity_G", [False, True], ids=["A⊗G", "G=I"])
+def test_staircase_counts_equal_the_full_mask(seed, identity_G):
+    g = torch.Generator().manual_seed(seed)
+    # ties included: values drawn from a small set
+    alpha = torch.randint(0, 6, (40,), generator=g).double().sort(descending=True).values
+    beta = torch.ones(17, dtype=torch.float64) if identity_G else torch.randint(0, 5, (17,), generator=g).double().sort(descending=True).values
+    for gamma in GAMMAS:
+        t = energy_threshold(alpha, beta, gamma)
+        removed = ~kept_mask(alpha, beta, t.tau)
+        counts = removed_per_column(alpha, beta, t.tau)
+        assert torch.equal(counts, removed.sum(0))
+        assert torch.equal(staircase_mask(counts, 17), ~removed)
+        assert int(counts.sum()) == t.removed
+        assert torch.equal(row_lengths(counts)[:-1], removed.sum(1)[: int(counts[0])])
+
+
+def test_the_projector_holds_no_weight_sized_tensor():
+    P = _projector((9, 13), 0.8, dtype=torch.float32)
+    tensors = [t for v in vars(P).values() if isinstance(v, Eigen) for t in (v.values, v.vectors)]
+    tensors += [v for v in vars(P).values() if isinstance(v, torch.Tensor)]
+    assert P.counts.shape == (13,)
+    assert all(t.numel() != 9 * 13 for t in tensors)
+    assert P.mask.shape == (9, 13) and P.mask.dtype == torch.bool  # still available, built on demand
+
+
+@pytest.mark.parametrize("identity_G", [False, True], ids=["A⊗G", "G=I"])
+def test_counted_flops_are_the_flops_executed(identity_G):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    P = _projector((9, 13), 0.8, identity_G)
+    X = torch.randn(9, 13, dtype=torch.float64)
+    g, a = torch.randn(3, 9, dtype=torch.float64), torch.randn(3, 13, dtype=torch.float64)
+
+    def counted(fn):
+        with FlopCounterMode(display=False) as fc:
+            fn()
+        return fc.get_total_flops()
+
+    table = P.flops()
+    for form in FORMS_X:
+        assert counted(lambda: P.project(X, form=form)) == table[form]
+    for X_given in (False, True):
+        table = P.flops(3, X_given)
+        for form in FORMS_FACTORS:
+            assert counted(lambda: P.project_factors(g, a, X=X if X_given else None, form=form)) == table[form]
+        assert P.form(3, X_given) == min(FORMS_FACTORS, key=table.get)
+    # the issue's corner without the staircase is never cheaper than the split, the dense never cheaper than either
+    assert identity_G or table["corner"] < table["rectangle"] <= table["dense"]
+
+
+def test_projection_flops_by_hand():
+    o, n, rG, rA = 4096, 14336, 1000, 3000
+    f = projection_flops(o, n, rG, rA)
+    assert f["dense"] == 4 * o * n * (o + n)  # the issue's 4.3 TFLOP
+    assert f["dense"] == 4_329_327_034_368
+    # rectangle: X V_A first (2 o n rA + 2 rG o rA), then V_G (R V_Aᵀ) (2 rG rA n + 2 o rG n) is cheaper than V_G R first
+    assert f["rectangle"] == f["corner"] == min(2 * o * n * rA + 2 * rG * o * rA, 2 * rG * o * n + 2 * rG * n * rA) + min(
+        2 * rG * rA * n + 2 * o * rG * n, 2 * o * rG * rA + 2 * o * rA * n)
+    f = projection_flops(o, n, rG, rA, T=256, X_given=False)
+    assert f["factors"] == 2 * 256 * (o * rG + n * rA + rG * rA) + min(2 * rG * rA * n + 2 * o * rG * n, 2 * o * rG * rA + 2 * o * rA * n) + 2 * o * 256 * n
+    # a hook-shaped staircase (one full row, one full column) costs two lines, not min(rG, rA)
+    counts = torch.ones(rA, dtype=torch.int64)
+    counts[0] = rG
+    hook = projection_flops(o, n, rG, rA, counts=counts)
+    assert hook["corner"] < hook["rectangle"] / 100
+    with pytest.raises(ValueError, match="corner"):
+        projection_flops(o, n, rG + 1, rA, counts=counts)
+    g = projection_flops(o, n, o, rA, identity_G=True)
+    assert g["corner"] == 4 * o * n * rA and g["dense"] == 4 * o * n * n
+
+
+def test_float32_forms_agree_with_float64_to_single_precision():
+    P64 = _projector((9, 13), 0.8)
+    P32 = _projector((9, 13), 0.8, dtype=torch.float32)
+    X = torch.randn(9, 13)
+    g, a = torch.randn(6, 9), torch.randn(6, 13)
+    want = P64.project(X.double(), form="dense")
+    for form in FORMS_X:
+        out = P32.project(X, form=form)
+        assert out.dtype == torch.float32
+        torch.testing.assert_close(out.double(), want, rtol=0, atol=FLOAT32_TOL)
+    want = P64.project((g.T @ a).double(), form="dense")
+    for form in FORMS_FACTORS:
+        torch.testing.assert_close(P32.project_factors(g, a, form=form).double(), want, rtol=0, atol=FLOAT32_TOL * 10)
+
+
+@pytest.mark.parametrize("precision,tol", [("tf32", TF32_TOL), ("bfloat16", BF16_TOL)])
+def test_reduced_precision_rounds_the_rotations_only(precision, tol):
+    P = _projector((9, 13), 0.8, dtype=torch.float32)
+    Q = _projector((9, 13), 0.8, dtype=torch.float32, projection_dtype=precision)
+    X = torch.randn(9, 13)
+    for form in FORMS_X:
+        exact, approx = P.project(X, form=form), Q.project(X, form=form)
+        assert approx.dtype == torch.float32 and Q.A.vectors.dtype == torch.float32
+        err = float((approx - exact).norm() / X.norm())
+        assert 0 < err < tol  # rounded (not silently full precision), but only to the format's precision
+    # the corner form subtracts a rounded removed part from the exact X: the kept part is untouched
+    Y = X - P.project(X)  # the removed part of X
+    K = P.project(X)
+    torch.testing.assert_close(Q.project(K, form="corner"), K, rtol=0, atol=tol * float(K.norm()))
+    assert float((Q.project(Y, form="corner")).norm()) < tol * float(Y.norm())
+
+
+def test_tf32_rounding_is_to_nearest_even_with_ten_mantissa_bits():
+    from crispedit.projector import _round_tf32
+
+    ulp = 2.0 ** -10
+    x = torch.tensor([1.0, 1 + ulp / 2, 1 + 1.5 * ulp, 1 + 0.75 * ulp, -3 - ulp / 4, 2.0 ** -20 * (1 + ulp / 2)])
+    want = torch.tensor([1.0, 1.0, 1 + 2 * ulp, 1 + ulp, -3.0, 2.0 ** -20])
+    assert torch.equal(_round_tf32(x), want)
+
+
+def test_float32_projection_runs_with_full_precision_whatever_the_caller_set(monkeypatch):
+    import crispedit.projector as projector
+
+    seen = []
+    real = projector.rotation_matmul
+
+    def spy(a, b, precision="float32"):
+        seen.append((torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.allow_tf32))
+        return real(a, b, precision)
+
+    monkeypatch.setattr(projector, "rotation_matmul", spy)
+    P = _projector((9, 13), 0.8, dtype=torch.float32)
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")  # a caller that enabled TF32
+    try:
+        P.project(torch.randn(9, 13), form="dense")
+        P.project_factors(torch.randn(3, 9), torch.randn(3, 13))
+        assert torch.get_float32_matmul_precision() == "high"  # restored
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert seen and all(s == ("highest", False) for s in seen)
+
+
+def test_projection_dtype_and_eigen_order_are_checked():
+    with pytest.raises(CurvatureError, match="--projection-dtype must be one of float32, tf32, bfloat16, got 'fp8'"):
+        _projector((4, 6), 0.8, projection_dtype="fp8")
+    e = eigh_factor(_psd(6, 0))
+    unsorted = Eigen(e.values.flip(0), e.vectors.flip(1))
+    with pytest.raises(CurvatureError, match="A: eigenvalues must be sorted descending"):
+        KroneckerProjector.from_eigen(unsorted, eigh_factor(_psd(4, 1)), 0.5)
+
+
+@pytest.mark.parametrize("identity_G", [False, True], ids=["A⊗G", "G=I"])
+def test_predicted_drift_outside_from_the_corner(identity_G):
+    A, G = _decaying_psd(13, 1), _decaying_psd(9, 2)
+    P = KroneckerProjector.from_factors(A, G, 0.8, identity_G=identity_G, dtype=torch.float64)
+    X = torch.randn(9, 13, dtype=torch.float64)
+    outside = X - P.project(X, form="dense")
+    want = 0.5 * float(vec(outside) @ torch.kron(A, G) @ vec(outside))
+    assert P.predicted_drift_outside(X) == pytest.approx(want, rel=1e-10)
+
+
+def test_float32_eigh_is_checked_and_accepted_when_right(monkeypatch, recwarn):
+    import crispedit.projector as projector
+
+    monkeypatch.setattr(projector, "EIGH_FLOAT64_MAX_DIM", 4)  # an 8 × 8 factor takes the large-matrix path
+    M = _decaying_psd(8, 3)
+    e = eigh_factor(M, "big.A")
+    assert e.vectors.dtype == torch.float32 and not recwarn.list
+    residual, orthogonality = eigh_errors(M.float(), e.values, e.vectors)
+    assert residual < projector.EIGH_RESIDUAL_TOL and orthogonality < projector.EIGH_ORTHOGONALITY_TOL
+
+
+def test_an_off_float32_eigh_falls_back_to_float64_on_the_cpu(monkeypatch):
+    import crispedit.projector as projector
+
+    monkeypatch.setattr(projector, "EIGH_FLOAT64_MAX_DIM", 4)
+    real = projector._eigh
+
+    def broken(S):  # a solver that returns slightly wrong vectors in float32 (as cuSOLVER has, at size)
+        values, vectors = real(S)
+        if S.dtype == torch.float32:
+            vectors = vectors + 1e-3 * torch.randn_like(vectors)
+        return values, vectors
+
+    monkeypatch.setattr(projector, "_eigh", broken)
+    M = _decaying_psd(8, 3)
+    with pytest.warns(RuntimeWarning, match=r"big.G: float32 eigh is off \(residual .*recomputing in float64"):
+        e = eigh_factor(M, "big.G")
+    assert e.vectors.dtype == torch.float64
+    torch.testing.assert_close(e.vectors @ torch.diag(e.values) @ e.vectors.T, M, rtol=0, atol=1e-12)
+    with pytest.warns(RuntimeWarning):  # the same for an explicit float32 request
+        assert eigh_factor(M, "big.G", dtype=torch.float32).vectors.dtype == torch.float64
