@@ -238,9 +238,9 @@ def run_edit(o: EditOptions) -> int:
     from .layers import find_modules, parse_layers
     from .model import load_model
     from .requests import read_requests
-    from .saving import file_hash, prepare_out, save_edit
+    from .saving import check_out, deltas_from, file_hash, save_edit
 
-    prepare_out(o.out, o.overwrite)
+    check_out(o.out, o.overwrite, {"--model": o.model, "--requests": o.requests, "--curvature": o.curvature, "--corpus": o.corpus})
     _check_paths(requests=o.requests, curvature=o.curvature, corpus=o.corpus, heldout=o.heldout, known_facts=o.known_facts)
     if o.curvature is None and not o.corpus:
         raise UsageError("give --curvature (statistics from `crispedit curvature`) or --corpus to compute them")
@@ -280,7 +280,7 @@ def run_edit(o: EditOptions) -> int:
         "after": {k: v for k, v in after.items() if k != "per_request"},
     }
     report = {"before": ref.before, "after": after}
-    out = save_edit(model, tok, modules, base_weights, manifest, o.out, o.overwrite, {"report.json": report})
+    out = save_edit(model, tok, modules, deltas_from(modules, base_weights), manifest, o.out, o.overwrite, {"report.json": report})
     print(f"\nedited model, delta.safetensors, manifest.json and report.json -> {out}")
     return 0
 
@@ -320,13 +320,13 @@ def run_evaluate(o: EvaluateOptions) -> int:
 
 def _run_delta(o: DeltaOptions, sign: int) -> int:
     from .model import load_model
-    from .saving import apply_delta, prepare_out, read_delta, save_model
+    from .saving import apply_delta, check_out, read_delta, save_model
 
-    prepare_out(o.out, o.overwrite)
+    check_out(o.out, o.overwrite, {"--model": o.model, "--delta": o.delta})
     deltas, manifest = read_delta(o.delta)
     model, tok = load_model(o.model, o.device, o.dtype)
     apply_delta(model, deltas, manifest, sign)
-    save_model(model, tok, o.out, o.overwrite)
+    save_model(model, tok, o.out, o.overwrite, {"command": "apply-delta" if sign > 0 else "revert", "delta": str(o.delta)})
     what = "edited" if sign > 0 else "base"
     print(f"{len(deltas)} matrices {'applied' if sign > 0 else 'reverted'}; {what} weights reproduced bit for bit -> {o.out}")
     return 0

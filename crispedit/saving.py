@@ -58,18 +58,79 @@ def file_hash(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def prepare_out(out: str | Path, overwrite: bool) -> Path:
-    out = Path(out)
+OWN_FILES = "files"  # manifest key: the files the command wrote (the only ones --overwrite may replace or remove)
+
+
+def _is_within(a: Path, b: Path) -> bool:
+    """``a`` is ``b`` or lies inside it (both resolved)."""
+    return a == b or b in a.parents
+
+
+def check_out(out: str | Path, overwrite: bool = False, inputs: dict[str, object] | None = None,
+              option: str = "--out") -> Path:
+    """Check an output directory before any work is done, and return it resolved.
+
+    Refused: an output that is a file or lies under a file, one that cannot be written, one that
+    is, contains or lies inside a local input (``inputs``: option name -> path or list of paths;
+    hub ids and missing paths are ignored), and a non-empty one unless ``overwrite``."""
+    out = Path(out).expanduser().resolve()
+    for name, value in (inputs or {}).items():
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if v is None or not Path(v).expanduser().exists():
+                continue
+            src = Path(v).expanduser().resolve()
+            if _is_within(out, src) or _is_within(src, out):
+                rel = "is" if out == src else ("lies inside" if _is_within(out, src) else "contains")
+                raise SaveError(f"{option} {out} {rel} {name} {src}; choose an output apart from the inputs")
+    if out.exists() and not out.is_dir():
+        raise SaveError(f"{option} {out}: is a file, not a directory")
+    existing = out
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise SaveError(f"{option} {out}: lies under {existing}, which is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise SaveError(f"{option} {out}: {existing} is not writable")
     if out.exists() and any(out.iterdir()) and not overwrite:
-        raise SaveError(f"--out {out}: exists and is not empty; pass --overwrite to replace it")
+        raise SaveError(f"{option} {out}: exists and is not empty; pass --overwrite to replace what crispedit wrote there")
     return out
 
 
+def _default_mode(path: Path) -> None:
+    """The permissions a normal ``mkdir`` would give (mkdtemp makes directories 0700)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod(0o777 & ~umask)
+
+
+def _previous_files(out: Path) -> list[str]:
+    """The files an earlier crispedit command listed in ``out/manifest.json`` (nothing else is ours)."""
+    try:
+        listed = json.loads((out / MANIFEST).read_text()).get(OWN_FILES, [])
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [f for f in listed if isinstance(f, str) and "/" not in f and f not in ("", ".", "..")]
+
+
 def _commit(tmp: Path, out: Path) -> None:
-    """Move a finished temporary directory into place."""
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    """Move a finished temporary directory into place. A new ``out`` is one rename; into an existing
+    ``out`` each file is renamed over its namesake, files an earlier crispedit run listed in its
+    manifest and not written now are removed, and every other file there stays."""
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    written = {p.name for p in tmp.iterdir()}
+    for name in _previous_files(out):
+        if name not in written and (out / name).is_file():
+            (out / name).unlink()
+    for name in sorted(written):
+        target = out / name
+        if target.is_dir() and not (tmp / name).is_dir():
+            raise SaveError(f"--out {out}: {name} is a directory there; crispedit would write a file of that name")
+        if target.is_dir():
+            shutil.rmtree(target)
+        os.replace(tmp / name, target)
+    tmp.rmdir()
 
 
 def write_json(obj, path: str | Path) -> None:
@@ -86,19 +147,28 @@ def write_json(obj, path: str | Path) -> None:
 
 
 class TempDir:
-    """A temporary sibling of ``out`` that becomes ``out`` on success and vanishes on failure."""
+    """A temporary directory that becomes ``out`` on success and vanishes on failure.
 
-    def __init__(self, out: Path):
-        self.out = out
+    A new ``out`` is made by renaming a temporary sibling; an existing ``out`` (``--out .``, say)
+    receives the files through a hidden temporary directory inside it (see ``_commit``)."""
+
+    def __init__(self, out: str | Path):
+        self.out = Path(out).expanduser().resolve()
 
     def __enter__(self) -> Path:
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(dir=self.out.parent, prefix=f".{self.out.name}."))
+        home = self.out if self.out.exists() else self.out.parent
+        home.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(dir=home, prefix=f".{self.out.name}.crispedit-tmp."))
+        _default_mode(self.tmp)
         return self.tmp
 
     def __exit__(self, kind, exc, tb) -> bool:
         if kind is None:
-            _commit(self.tmp, self.out)
+            try:
+                _commit(self.tmp, self.out)
+            except OSError as e:
+                shutil.rmtree(self.tmp, ignore_errors=True)
+                raise SaveError(f"--out {self.out}: could not write ({e.strerror or e})") from None
             return False
         shutil.rmtree(self.tmp, ignore_errors=True)
         if isinstance(exc, OSError):
@@ -112,32 +182,60 @@ def _write_model(model: nn.Module, tokenizer, directory: Path) -> None:
         tokenizer.save_pretrained(directory)
 
 
-def save_model(model: nn.Module, tokenizer, out: str | Path, overwrite: bool = False) -> Path:
-    """``save_pretrained`` of model and tokenizer into ``out``, atomically."""
-    out = prepare_out(out, overwrite)
+def _write_manifest(directory: Path, manifest: dict) -> None:
+    """``manifest.json`` listing every file the command wrote (what a later ``--overwrite`` may replace)."""
+    files = sorted(p.name for p in directory.iterdir()) + [MANIFEST]
+    (directory / MANIFEST).write_text(json.dumps({**manifest, OWN_FILES: files}, indent=2, default=str) + "\n")
+
+
+def save_model(model: nn.Module, tokenizer, out: str | Path, overwrite: bool = False, manifest: dict | None = None) -> Path:
+    """``save_pretrained`` of model and tokenizer into ``out``, atomically, with a manifest of what was written."""
+    out = check_out(out, overwrite)
     with TempDir(out) as tmp:
         _write_model(model, tokenizer, tmp)
+        _write_manifest(tmp, {"version": __version__, **(manifest or {})})
     return out
 
 
-def save_edit(model: nn.Module, tokenizer, modules: dict[str, nn.Module], base_weights: dict[str, Tensor],
-              manifest: dict, out: str | Path, overwrite: bool = False, extra: dict | None = None) -> Path:
-    """Write the edited model, the delta, the manifest and ``extra`` JSON files into ``out`` (atomically)."""
-    out = prepare_out(out, overwrite)
+def edit_manifest(modules: dict[str, nn.Module], deltas: dict[str, Tensor], manifest: dict) -> dict:
+    """``manifest`` plus what apply/revert check: the modules, the SHA-256 of the base matrices (the
+    edited ones minus ΔW, exactly) and of the edited ones, the delta and model dtypes."""
+    weights = {n: m.weight.detach() for n, m in modules.items()}
+    base = {n: shifted(w, deltas[n], -1) for n, w in weights.items()}
+    return {**manifest, "version": __version__, "modules": list(modules),
+            "base_weights_sha256": weights_hash(base), "edited_weights_sha256": weights_hash(weights),
+            "delta_dtype": str(next(iter(deltas.values())).dtype).removeprefix("torch."),
+            "model_dtype": str(next(iter(weights.values())).dtype).removeprefix("torch.")}
+
+
+def write_delta(directory: Path, deltas: dict[str, Tensor]) -> None:
+    """``delta.safetensors``: ΔW per matrix in the stored orientation and the delta dtype."""
+    tensors = {n: d.detach().cpu().contiguous() for n, d in deltas.items()}
+    save_file(tensors, str(directory / DELTA_FILE), metadata={"crispedit": json.dumps({"modules": list(deltas)})})
+
+
+def save_edit(model: nn.Module, tokenizer, modules: dict[str, nn.Module], deltas: dict[str, Tensor], manifest: dict,
+              out: str | Path, overwrite: bool = False, extra: dict | None = None, delta_only: bool = False) -> Path:
+    """Write the edited model (unless ``delta_only``), the delta, the manifest and ``extra`` JSON
+    files into ``out``, atomically. ``deltas`` are ΔW per matrix in the delta dtype (``delta_dtype``),
+    such that ``shifted(W_edited, Δ, -1)`` is the base bit for bit."""
+    out = check_out(out, overwrite)
     with TempDir(out) as tmp:
-        _write_model(model, tokenizer, tmp)
-        deltas = {}
-        for n, m in modules.items():
-            dt = delta_dtype(m.weight.dtype)
-            deltas[n] = (m.weight.detach().to(dt) - base_weights[n].to(dt)).cpu().contiguous()
-        save_file(deltas, str(tmp / DELTA_FILE), metadata={"crispedit": json.dumps({"modules": list(modules)})})
-        manifest = {**manifest, "version": __version__, "modules": list(modules),
-                    "base_weights_sha256": weights_hash(base_weights),
-                    "edited_weights_sha256": weights_hash({n: m.weight for n, m in modules.items()}),
-                    "delta_dtype": str(next(iter(deltas.values())).dtype).removeprefix("torch.")}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+        if not delta_only:
+            _write_model(model, tokenizer, tmp)
+        write_delta(tmp, deltas)
         for name, obj in (extra or {}).items():
             (tmp / name).write_text(json.dumps(obj, indent=2, default=str) + "\n")
+        _write_manifest(tmp, edit_manifest(modules, deltas, {**manifest, "delta_only": delta_only}))
+    return out
+
+
+def deltas_from(modules: dict[str, nn.Module], base_weights: dict[str, Tensor]) -> dict[str, Tensor]:
+    """ΔW = W.to(Δ dtype) − W0.to(Δ dtype) per matrix (exact in the delta dtype)."""
+    out = {}
+    for n, m in modules.items():
+        dt = delta_dtype(m.weight.dtype)
+        out[n] = m.weight.detach().to(dt) - base_weights[n].to(m.weight.device, dt)
     return out
 
 
@@ -145,9 +243,16 @@ def read_delta(path: str | Path) -> tuple[dict[str, Tensor], dict]:
     path = Path(path)
     if not (path / DELTA_FILE).exists() or not (path / MANIFEST).exists():
         raise SaveError(f"--delta {path}: no {DELTA_FILE} and {MANIFEST} there (written by `crispedit edit`)")
-    with safe_open(str(path / DELTA_FILE), framework="pt") as f:
-        deltas = {k: f.get_tensor(k) for k in f.keys()}
-    return deltas, json.loads((path / MANIFEST).read_text())
+    try:
+        with safe_open(str(path / DELTA_FILE), framework="pt") as f:
+            deltas = {k: f.get_tensor(k) for k in f.keys()}
+        manifest = json.loads((path / MANIFEST).read_text())
+    except Exception as e:  # safetensors and json raise their own error types for corrupt files
+        raise SaveError(f"--delta {path}: unreadable ({str(e).splitlines()[0]})") from None
+    missing = [k for k in ("base_weights_sha256", "edited_weights_sha256", "modules") if k not in manifest]
+    if missing or set(manifest["modules"]) != set(deltas):
+        raise SaveError(f"--delta {path}: {MANIFEST} does not describe {DELTA_FILE} ({', '.join(missing) or 'other modules'})")
+    return deltas, manifest
 
 
 def apply_delta(model: nn.Module, deltas: dict[str, Tensor], manifest: dict, sign: int = 1) -> None:
@@ -162,7 +267,10 @@ def apply_delta(model: nn.Module, deltas: dict[str, Tensor], manifest: dict, sig
     what = "base" if sign > 0 else "edited"
     weights = {n: m.weight for n, m in modules.items()}
     if weights_hash(weights) != expect_before:
-        raise SaveError(f"the model's edited matrices are not the {what} weights this delta was made for (hash differs)")
+        dtype = str(next(iter(weights.values())).dtype).removeprefix("torch.")
+        recorded = manifest.get("model_dtype")
+        why = f"; the model is {dtype} but the delta was made for a {recorded} model" if recorded and recorded != dtype else ""
+        raise SaveError(f"the model's edited matrices are not the {what} weights this delta was made for (hash differs{why})")
     with torch.no_grad():
         for n, m in modules.items():
             m.weight.copy_(shifted(m.weight, deltas[n], sign))

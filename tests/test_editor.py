@@ -36,7 +36,7 @@ def _residue(result, modules, projectors):
     worst = 0.0
     for n, m in modules.items():
         D = result.deltas[n].T if type(m).__name__ == "Conv1D" else result.deltas[n]
-        worst = max(worst, float((D - projectors[n].project(D)).norm() / D.norm()))
+        worst = max(worst, float((D - projectors[n].project(D)).detach().norm() / D.norm()))
     return worst
 
 

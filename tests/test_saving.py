@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import os
+import stat
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 from crispedit import saving
 from crispedit.layers import find_modules
-from crispedit.saving import SaveError, apply_delta, delta_dtype, read_delta, save_edit, weights_hash
+from crispedit.saving import (SaveError, apply_delta, check_out, deltas_from, delta_dtype, read_delta, save_edit, save_model,
+                              weights_hash)
 from models import char_tokenizer, tiny_hf
 
 
@@ -27,7 +32,7 @@ def _edited(dtype):
 @pytest.mark.parametrize("dtype, delta_dtype", [(torch.float32, torch.float64), (torch.bfloat16, torch.float32)])
 def test_apply_and_revert_are_bit_exact(tmp_path, dtype, delta_dtype):
     model, modules, base = _edited(dtype)
-    out = save_edit(model, char_tokenizer(), modules, base, {"note": "test"}, tmp_path / "edit")
+    out = save_edit(model, char_tokenizer(), modules, deltas_from(modules, base), {"note": "test"}, tmp_path / "edit")
     deltas, manifest = read_delta(out)
     assert all(d.dtype == delta_dtype for d in deltas.values())
     assert manifest["delta_dtype"] == str(delta_dtype).removeprefix("torch.")
@@ -65,9 +70,9 @@ def test_a_delta_in_the_model_dtype_would_not_roundtrip(scale):
 
 def test_refusals(tmp_path):
     model, modules, base = _edited(torch.float32)
-    out = save_edit(model, None, modules, base, {}, tmp_path / "edit")
+    out = save_edit(model, None, modules, deltas_from(modules, base), {}, tmp_path / "edit")
     with pytest.raises(SaveError, match="exists and is not empty"):
-        save_edit(model, None, modules, base, {}, out)
+        save_edit(model, None, modules, deltas_from(modules, base), {}, out)
     deltas, manifest = read_delta(out)
     with pytest.raises(SaveError, match="not the base weights"):
         apply_delta(model, deltas, manifest, +1)  # already edited
@@ -87,5 +92,63 @@ def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
 
     monkeypatch.setattr(saving, "save_file", full_disk)
     with pytest.raises(SaveError, match="No space left.*nothing was written"):
-        save_edit(model, None, modules, base, {}, tmp_path / "edit")
+        save_edit(model, None, modules, deltas_from(modules, base), {}, tmp_path / "edit")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_outputs_that_are_or_hold_or_lie_inside_an_input_are_refused(tmp_path):
+    model_dir = tmp_path / "model"
+    (model_dir / "sub").mkdir(parents=True)
+    (model_dir / "config.json").write_text("{}")
+    for out, word in ((model_dir, "is"), (model_dir / "sub", "lies inside"), (tmp_path, "contains")):
+        with pytest.raises(SaveError, match=f"--out {out} {word} --model"):
+            check_out(out, overwrite=True, inputs={"--model": str(model_dir), "--requests": None})
+    check_out(tmp_path / "elsewhere", inputs={"--model": str(model_dir), "--base": "meta-llama/Meta-Llama-3-8B"})  # hub ids pass
+    (tmp_path / "file.txt").write_text("x")
+    with pytest.raises(SaveError, match="is a file"):
+        check_out(tmp_path / "file.txt")
+    with pytest.raises(SaveError, match="which is a file"):
+        check_out(tmp_path / "file.txt" / "out")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
+def test_unwritable_output_is_refused_before_any_work(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    with pytest.raises(SaveError, match="not writable"):
+        check_out(locked / "out")
+
+
+def test_overwrite_replaces_only_what_crispedit_wrote(tmp_path, monkeypatch):
+    """``--out .`` with ``--overwrite``: the user's files stay, the command's files are replaced, a
+    file an earlier run wrote and this one does not is removed; nothing but our temporary directory."""
+    model, modules, base = _edited(torch.float32)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.txt").write_text("my notes")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "keep.json").write_text("{}")
+    with pytest.raises(SaveError, match="not empty"):
+        save_edit(model, None, modules, deltas_from(modules, base), {}, ".")
+    save_edit(model, None, modules, deltas_from(modules, base), {"run": 1}, ".", overwrite=True, extra={"old.json": {}})
+    assert (tmp_path / "old.json").exists() and (tmp_path / "config.json").exists()
+    save_edit(model, None, modules, deltas_from(modules, base), {"run": 2}, ".", overwrite=True, delta_only=True)
+    names = {p.name for p in tmp_path.iterdir()}
+    assert names == {"notes.txt", "data", "delta.safetensors", "manifest.json"}
+    assert (tmp_path / "notes.txt").read_text() == "my notes" and (tmp_path / "data" / "keep.json").exists()
+    assert read_delta(tmp_path)[1]["run"] == 2
+
+
+def test_outputs_get_normal_permissions(tmp_path):
+    model, modules, base = _edited(torch.float32)
+    out = save_edit(model, None, modules, deltas_from(modules, base), {}, tmp_path / "edit")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask
+    assert stat.S_IMODE((out / "manifest.json").stat().st_mode) == 0o666 & ~umask
+
+
+def test_save_model_lists_its_files(tmp_path):
+    model, modules, base = _edited(torch.float32)
+    out = save_model(model, char_tokenizer(), tmp_path / "m", manifest={"command": "apply-delta"})
+    listed = json.loads((out / "manifest.json").read_text())["files"]
+    assert set(listed) == {p.name for p in out.iterdir()} and "model.safetensors" in listed
