@@ -67,12 +67,17 @@ def test_capability_measures_against_a_direct_computation():
     modules = find_modules(model, [1])
     ref = prepare_reference(model, TOK, [], heldout=docs, corpus=docs, modules=modules)
     cap = ref.before["capability"]
-    assert cap["heldout_kl"] == 0.0 and cap["heldout_perplexity_change"] == 0.0 and cap["corpus_kl"] == 0.0
+    # the base is measured once: its perplexity and what it was measured on, no KL against itself
+    assert not {"heldout_kl", "heldout_perplexity_base", "heldout_perplexity_change", "corpus_kl"} & set(cap)
+    n = sum(len(d) - 1 for d in docs)
+    assert cap["heldout_documents"] == 2 and cap["heldout_tokens"] == n
     with torch.no_grad():
         base = [torch.log_softmax(model(input_ids=torch.tensor([d])).logits[0, :-1].double(), -1) for d in docs]
+    nll_base = -sum(float(p[torch.arange(len(d) - 1), torch.tensor(d[1:])].sum()) for p, d in zip(base, docs)) / n
+    assert cap["heldout_perplexity"] == pytest.approx(math.exp(nll_base), rel=1e-9)
+    with torch.no_grad():
         modules["model.layers.1.mlp.down_proj"].weight.add_(0.05)
         edited = [torch.log_softmax(model(input_ids=torch.tensor([d])).logits[0, :-1].double(), -1) for d in docs]
-    n = sum(len(d) - 1 for d in docs)
     kl = sum(float((p.exp() * (p - q)).sum()) for p, q in zip(base, edited)) / n
     nll = -sum(float(q[torch.arange(len(d) - 1), torch.tensor(d[1:])].sum()) for q, d in zip(edited, docs)) / n
     d = text_drift(model, docs, base_weights=ref.base_weights, batch_size=1)
@@ -80,5 +85,7 @@ def test_capability_measures_against_a_direct_computation():
     assert text_drift(model, docs, base_weights=ref.base_weights, batch_size=2)["kl"] == pytest.approx(kl, rel=1e-6)  # padding
     after = measure(model, TOK, ref)["capability"]
     assert after["heldout_kl"] == pytest.approx(kl, rel=1e-6) and after["heldout_kl"] > 0
+    assert after["heldout_perplexity_base"] == pytest.approx(cap["heldout_perplexity"], rel=1e-12)
+    assert (after["heldout_documents"], after["heldout_tokens"], after["corpus_documents"], after["corpus_tokens"]) == (2, n, 2, n)
     base_model = tiny_hf("llama", layers=2, std=0.1)  # the same seed: the base, as a separate model
     assert text_drift(model, docs, base_model=base_model)["kl"] == pytest.approx(kl, rel=1e-6)
