@@ -30,10 +30,10 @@ from .layers import is_conv1d
 from .projector import Eigen, KroneckerProjector, eigh_factor, quadratic_form
 from .requests import EditRequest, edit_text
 from .running import frozen, input_device, pad_id
+from .options import GRADIENT_METHODS as METHODS
+from .options import OPTIMIZERS
 from .saving import delta_dtype
 
-METHODS = ("crispedit", "ft", "nullspace")
-OPTIMIZERS = ("adam", "sgd", "adam-projected-step")
 
 
 class EditError(ValueError):
@@ -59,13 +59,14 @@ def eigenbases(stats: KFACStatistics, devices: dict[str, torch.device] | None = 
 
 
 def build_projectors(eig: dict[str, tuple[Eigen, Eigen]], method: str, gamma: float,
-                     dtype: torch.dtype = torch.float32) -> dict[str, KroneckerProjector]:
+                     dtype: torch.dtype = torch.float32, projection_dtype: str = "float32") -> dict[str, KroneckerProjector]:
     """One projector per edited matrix: ``crispedit`` (A ⊗ G at gamma), ``ft`` (gamma 0) or
-    ``nullspace`` (G = I, energy rule over the eigenvalues of A)."""
+    ``nullspace`` (G = I, energy rule over the eigenvalues of A); eigenvectors kept in ``dtype``,
+    rotations in ``projection_dtype`` (float32, tf32 or bfloat16)."""
     if method not in METHODS:
         raise EditError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
     g = 0.0 if method == "ft" else gamma
-    return {n: KroneckerProjector.from_eigen(eA, eG, g, identity_G=method == "nullspace", dtype=dtype)
+    return {n: KroneckerProjector.from_eigen(eA, eG, g, method == "nullspace", dtype, projection_dtype)
             for n, (eA, eG) in eig.items()}
 
 
@@ -105,6 +106,19 @@ def edit_loss(model: nn.Module, ids: Tensor, attn: Tensor, labels: Tensor) -> Te
 def _project(P: KroneckerProjector, X: Tensor, conv: bool) -> Tensor:
     """Project a weight-shaped tensor; GPT-2's Conv1D stores ``Wᵀ``."""
     return P.project(X.T).T if conv else P.project(X)
+
+
+class KeepAll:
+    """The projector of plain fine-tuning when there is no curvature at all: keeps every direction."""
+
+    is_identity = True
+    dtype = torch.float64
+
+    def project(self, X: Tensor) -> Tensor:
+        return X
+
+    def summary(self) -> dict:
+        return {"gamma": 0.0, "removed": 0, "removed_share": 0.0}
 
 
 def master_dtype(weight_dtype: torch.dtype) -> torch.dtype:
@@ -220,14 +234,15 @@ def run_epochs(
     seed: int = 0,
     progress: bool = False,
     constrain: Callable[[dict[str, Tensor]], None] | None = None,
-    after_epoch: Callable[[int], None] | None = None,
+    after_epoch: Callable[[int], dict[str, KroneckerProjector]] | None = None,
 ) -> tuple[int, list[float]]:
     """The SPEC §1.6 loop over ``requests`` with the optimiser ``state``: returns (steps, epoch losses).
 
     Up to ``epochs`` passes, reshuffled each epoch by a generator seeded with ``seed``; a batch whose
     loss is below ``loss_threshold`` is skipped, and the loop stops when an epoch's mean loss (skipped
     batches included) is below it. ``after_epoch(epoch)`` runs after each epoch that does not stop
-    the loop (a curvature refresh, say). A NaN or infinite loss is an error."""
+    the loop and returns the projectors to go on with (a curvature refresh may rebuild them). A NaN
+    or infinite loss is an error."""
     from tqdm.auto import tqdm
 
     if set(projectors) != set(state.modules):
@@ -263,7 +278,7 @@ def run_epochs(
             if epoch_losses[-1] < loss_threshold:
                 break
             if after_epoch is not None and epoch + 1 < epochs:
-                after_epoch(epoch)
+                projectors = after_epoch(epoch)
         bar.total = bar.n
     check_finite(state.modules)
     return steps, epoch_losses

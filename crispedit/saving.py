@@ -197,13 +197,15 @@ def save_model(model: nn.Module, tokenizer, out: str | Path, overwrite: bool = F
     return out
 
 
-def edit_manifest(modules: dict[str, nn.Module], deltas: dict[str, Tensor], manifest: dict) -> dict:
-    """``manifest`` plus what apply/revert check: the modules, the SHA-256 of the base matrices (the
-    edited ones minus ΔW, exactly) and of the edited ones, the delta and model dtypes."""
+def edit_manifest(modules: dict[str, nn.Module], deltas: dict[str, Tensor], manifest: dict, base_hash: str | None = None) -> dict:
+    """``manifest`` plus what apply/revert check: the modules, the SHA-256 of the base matrices
+    (``base_hash``, else of the edited ones minus ΔW, exact in the delta dtype) and of the edited
+    ones, the delta and model dtypes."""
     weights = {n: m.weight.detach() for n, m in modules.items()}
-    base = {n: shifted(w, deltas[n], -1) for n, w in weights.items()}
+    if base_hash is None:
+        base_hash = weights_hash({n: shifted(w, deltas[n], -1) for n, w in weights.items()})
     return {**manifest, "version": __version__, "modules": list(modules),
-            "base_weights_sha256": weights_hash(base), "edited_weights_sha256": weights_hash(weights),
+            "base_weights_sha256": base_hash, "edited_weights_sha256": weights_hash(weights),
             "delta_dtype": str(next(iter(deltas.values())).dtype).removeprefix("torch."),
             "model_dtype": str(next(iter(weights.values())).dtype).removeprefix("torch.")}
 
