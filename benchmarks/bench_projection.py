@@ -312,8 +312,8 @@ def eigh_check(dims: list[int]) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
-def fmt_t(flops: float, rate: float) -> str:
-    return f"{flops / rate * 1e3:8.1f}"
+def median(xs: list[float]) -> float:
+    return sorted(xs)[len(xs) // 2]
 
 
 def main() -> None:
@@ -412,6 +412,12 @@ def main() -> None:
     for entry in real.values():
         entry.pop("_counts")
     results["real"] = real
+    results["fractions"] = {  # median over layers: how the removed corner scales with the width
+        name: {"d_out": e["d_out"], "d_in": e["d_in"], **{g: {
+            "r_A/d_in": median([v["r_A"] / e["d_in"] for v in layers.values()]),
+            "r_G/d_out": median([v["r_G"] / e["d_out"] for v in layers.values()]),
+            "lines/d_out": median([v["lines"] / e["d_out"] for v in layers.values()])} for g, layers in e["gammas"].items()}}
+        for name, e in real.items()}
     out = write_results(results, a.out)
     report(results)
     print(f"-> {out}")
@@ -425,7 +431,7 @@ def report(r: dict) -> None:
           f"{'fp32':>8} {'tf32':>8} {'bf16':>8} {'bf16 dense':>10} {'bf16 factors':>12} {'bf16 twice':>10} {'bf16 of q(X)':>12} {'bf16 norm':>9}")
     for name, e in r["real"].items():
         for gamma, layers in e["gammas"].items():
-            med = lambda k, d: sorted(v[k] / d for v in layers.values())[len(layers) // 2]  # noqa: E731
+            med = lambda k, d: median([v[k] / d for v in layers.values()])  # noqa: E731
             worst = lambda key, m: max(v["leak"][key][m] for v in layers.values())  # noqa: E731
             print(f"{name:>12} {e['d_out']:>4}×{e['d_in']:<5} {gamma:>5} {med('r_A', e['d_in']):8.2f} {med('r_G', e['d_out']):9.2f} "
                   f"{med('lines', e['d_out']):11.2f} {worst('float32/corner', 'update'):8.1e} "
@@ -460,6 +466,10 @@ def report(r: dict) -> None:
             print(f"  energy rule at this shape {t['build']['energy_threshold_s']:.1f} s, staircase counts {t['build']['removed_per_column_s']:.2f} s")
     e = r["eigh_check"]
     print()
+    for name, entry in r["real"].items():
+        errs = entry["float32_eigh_errors"].values()
+        print(f"float32 eigh of {name}'s real factors: residual ≤ {max(x[0] for x in errs):.1e}, "
+              f"orthogonality ≤ {max(x[1] for x in errs):.1e}")
     for row in e["rows"]:
         print(f"float32 eigh at n = {row['n']}: {row['float32_eigh_s']:.1f} s, residual {row['residual']:.1e}, orthogonality "
               f"{row['orthogonality']:.1e}, tolerance {row['tolerance']:.1e} (check {row['check_s']:.2f} s)"

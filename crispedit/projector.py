@@ -41,7 +41,11 @@ Precision: the rotation matmuls (those with eigenvectors) run in ``float32`` (TF
 ``tf32`` or ``bfloat16`` inputs with float32 accumulation and output; eigenvectors stay in the
 projector's dtype. On a CPU, which has neither, ``tf32``/``bfloat16`` are emulated by rounding the
 inputs of each rotation matmul (round to nearest even) and multiplying in float32: the same
-rounding as a GPU's tensor cores up to summation order, at no gain in speed.
+rounding as a GPU's tensor cores up to summation order, at no gain in speed. The forms round
+differently: the corner and factor forms subtract a rounded removed part from the exact ``X``, so
+what leaks into the removed coordinates scales with the removed part; the dense form rounds the
+whole result, so its leak scales with the kept part (``benchmarks/bench_projection.py`` measures
+both on real statistics).
 """
 
 from __future__ import annotations
