@@ -6,48 +6,39 @@ The public API, in the order a user meets it::
     modules = find_modules(model, "auto")                      # {name: down_proj, ...}
     docs = read_documents(["wiki.txt"], tokenizer, max_length=512, max_documents=100)
     stats = collect(model, modules, docs, labels="sampled")    # K-FAC factors A, G
-    eig = eigenbases(stats)
-    projectors = build_projectors(eig, "crispedit", gamma=0.8)
-    requests = read_requests("counterfact.json", tokenizer=tokenizer)
-    ref = prepare_reference(model, tokenizer, requests)        # the base model's answers
-    result = edit(model, tokenizer, requests, modules, projectors)
-    scores = measure(model, tokenizer, ref)
+    session = EditSession.start(model, tokenizer, modules, MethodOptions(gamma=0.8), stats, docs)
+    session.edit(read_requests("counterfact.json", tokenizer=tokenizer))   # one chunk; again for the next
+    session.drift()                                            # ‖ΔW‖/‖W‖, K-FAC predicted KL per matrix
+
+Names are imported on first use (PEP 562), so ``import crispedit`` and ``crispedit --help`` do not
+import torch.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
-from .corpus import read_documents
-from .curvature import KFACStatistics, collect, load, merge, save
-from .editor import build_projectors, drift_report, edit, eigenbases
-from .evaluate import measure, prepare_reference
-from .layers import auto_layers, find_modules
-from .model import load_model
-from .projector import KroneckerProjector, eigh_factor, energy_threshold
-from .requests import EditRequest, read_requests
-from .saving import apply_delta, read_delta, save_edit
+_EXPORTS = {
+    "read_documents": "corpus",
+    "KFACStatistics": "curvature", "collect": "curvature", "load": "curvature", "merge": "curvature", "save": "curvature",
+    "build_projectors": "editor", "drift_report": "editor", "edit": "editor", "eigenbases": "editor",
+    "EditOptimizer": "editor",
+    "measure": "evaluate", "prepare_reference": "evaluate",
+    "auto_layers": "layers", "find_modules": "layers",
+    "load_model": "model",
+    "KroneckerProjector": "projector", "eigh_factor": "projector", "energy_threshold": "projector",
+    "EditRequest": "requests", "read_requests": "requests",
+    "apply_delta": "saving", "read_delta": "saving", "save_edit": "saving",
+    "EditSession": "session",
+    "MethodOptions": "options",
+    "CapabilityBudget": "budget",
+    "apply_closed_form": "memit", "MemitConfig": "memit",
+}
 
-__all__ = [
-    "EditRequest",
-    "KFACStatistics",
-    "KroneckerProjector",
-    "apply_delta",
-    "auto_layers",
-    "build_projectors",
-    "collect",
-    "drift_report",
-    "edit",
-    "eigenbases",
-    "eigh_factor",
-    "energy_threshold",
-    "find_modules",
-    "load",
-    "load_model",
-    "measure",
-    "merge",
-    "prepare_reference",
-    "read_delta",
-    "read_documents",
-    "read_requests",
-    "save",
-    "save_edit",
-]
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module 'crispedit' has no attribute {name!r}")

@@ -1,85 +1,84 @@
 """The ``crispedit`` command line: one subcommand per stage, options from ``options.py``.
 
 Precedence: built-in defaults < ``--config FILE`` (TOML or YAML, keys as the option names with
-``_`` or ``-``) < options given on the command line. Bad input exits with status 2 and a one-line
-reason, no traceback.
+``_`` or ``-``) < options given on the command line. Everything that can be checked without the
+weights (options, ranges, config types, request files, corpora, output paths, layer indices against
+the model's configuration) is checked before the model loads. Bad input exits with status 2 and a
+one-line reason naming the file, record or option; nothing is written.
+
+Importing this module imports nothing heavy: ``crispedit --help`` is instant.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 import time
-import typing
 from pathlib import Path
 
 from . import __version__
-from .options import (CurvatureOptions, DeltaOptions, DemoOptions, EditOptions, EvaluateOptions, InspectOptions,
-                      MergeOptions)
+from .options import (CLOSED_FORM_METHODS, CurvatureOptions, DeltaOptions, DemoOptions, EditOptions, EvaluateOptions,
+                      InspectOptions, LogOptions, MergeOptions, MethodOptions, OptionError, PlanOptions, RevertOptions,
+                      coerce, field_type, flag, method_options, validate)
 
 COMMANDS = {
     "curvature": (CurvatureOptions, "collect K-FAC statistics (A, G) of a capability corpus"),
-    "edit": (EditOptions, "edit a model with CrispEdit (or the ft / nullspace baselines), evaluate it and save it"),
+    "edit": (EditOptions, "edit a model (CrispEdit, ft, nullspace, MEMIT or AlphaEdit), in one batch or chunk by chunk; evaluate and save it"),
     "evaluate": (EvaluateOptions, "score an edited model against its base on a request file"),
-    "apply-delta": (DeltaOptions, "apply a saved delta to the base model, bit-exactly"),
-    "revert": (DeltaOptions, "remove a saved delta from the edited model, restoring the base bit-exactly"),
+    "apply-delta": (DeltaOptions, "apply a saved delta (an edit or a ledger) to the base model, bit-exactly"),
+    "revert": (RevertOptions, "remove a saved delta from the edited model, or take a ledger back to chunk --to"),
+    "log": (LogOptions, "print the history of a ledger as a table"),
     "inspect": (InspectOptions, "report, per layer and gamma, what the projector removes"),
-    "merge-curvature": (MergeOptions, "merge statistics of disjoint corpora into one file"),
-    "demo": (DemoOptions, "run the offline demo on a model built here"),
+    "merge-curvature": (MergeOptions, "merge statistics of disjoint corpora of one model into one file"),
+    "plan": (PlanOptions, "print the memory, flops and ledger size of an edit before loading anything"),
+    "demo": (DemoOptions, "run the offline demo on a model shipped with the package"),
 }
+POSITIONAL = {"log": "ledger", "revert": "ledger"}  # `crispedit log LEDGER`, `crispedit revert LEDGER --to K`
 
 
 class UsageError(ValueError):
     pass
 
 
-def _base_type(tp):
-    """``int | None`` -> int, ``list[float]`` -> float."""
-    args = [a for a in typing.get_args(tp) if a is not type(None)]
-    if typing.get_origin(tp) is list:
-        return args[0]
-    if args:
-        return args[0]
-    return tp
-
-
-def _add_options(parser: argparse.ArgumentParser, cls) -> None:
-    hints = typing.get_type_hints(cls)
+def _add_options(parser: argparse.ArgumentParser, cls, positional: str | None) -> None:
     for f in dataclasses.fields(cls):
-        flag = "--" + f.name.replace("_", "-")
         meta = dict(f.metadata)
-        kind = _base_type(hints[f.name])
+        kind, is_list = field_type(cls, f.name)
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        help_ = meta["help"] + ("" if meta.get("required") else f" (default: {default})")
+        help_ = meta["help"] + ("" if meta.get("required") or default is None else f" (default: {default})")
+        if f.name == positional:
+            parser.add_argument(f.name, nargs="?", default=argparse.SUPPRESS, help=help_, metavar=f.name.upper())
+            continue
         kw = dict(help=help_, default=argparse.SUPPRESS, dest=f.name)
         if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+            parser.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, **kw)
             continue
         if "choices" in meta:
             kw["choices"] = meta["choices"]
-        if "nargs" in meta:
-            kw["nargs"] = meta["nargs"]
-        parser.add_argument(flag, type=kind, metavar=None if "choices" in kw else f.name.upper(), **kw)
+        if is_list:
+            kw["nargs"] = meta.get("nargs", "+")
+        parser.add_argument(flag(f.name), type=kind, metavar=None if "choices" in kw else f.name.upper(), **kw)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="crispedit",
         description="Edit facts in Hugging Face causal LMs with CrispEdit: gradient steps projected onto the "
-        "low-curvature subspace (K-FAC of the capability loss's Gauss-Newton matrix).",
+        "low-curvature subspace of the capability loss (K-FAC of the Gauss-Newton matrix of the KL to the base model).",
     )
     parser.add_argument("--version", action="version", version=f"crispedit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (cls, help_) in COMMANDS.items():
         p = sub.add_parser(name, help=help_, description=help_)
         p.add_argument("--config", type=Path, help="TOML or YAML file of options; command-line options override it")
-        _add_options(p, cls)
+        _add_options(p, cls, POSITIONAL.get(name))
     return parser
 
 
 def _read_config(path: Path, cls) -> dict:
-    if not path.exists():
+    if not path.exists() or path.is_dir():
         raise UsageError(f"--config {path}: no such file")
     text = path.read_text(encoding="utf-8")
     try:
@@ -101,90 +100,157 @@ def _read_config(path: Path, cls) -> dict:
     known = {f.name for f in dataclasses.fields(cls)}
     out = {}
     for key, value in data.items():
-        name = key.replace("-", "_")
+        name = str(key).replace("-", "_")
         if name not in known:
             raise UsageError(f"--config {path}: unknown option {key!r}")
-        out[name] = value
+        out[name] = coerce(cls, name, value, f"--config {path}")
     return out
 
 
 def options_from_args(cls, args: argparse.Namespace):
-    """Defaults < config file < command line; check required options."""
+    """Defaults < config file < command line; check required options and every value. Returns the
+    options and the names of those given (on the command line or in the config file)."""
     given = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
     values = {**(_read_config(args.config, cls) if args.config else {}), **given}
     for f in dataclasses.fields(cls):
         if f.metadata.get("required") and not values.get(f.name):
-            raise UsageError(f"--{f.name.replace('_', '-')} is required (on the command line or in --config)")
-    return cls(**values)
+            raise UsageError(f"{flag(f.name)} is required (on the command line or in --config)")
+    options = cls(**values)
+    validate(options)
+    return options, set(values)
 
 
 def _setup_runtime(options) -> None:
-    import torch
-
     if getattr(options, "threads", None):
+        import torch
+
         torch.set_num_threads(options.threads)
+    if hasattr(options, "progress"):
+        from .model import set_progress
+
+        set_progress(options.progress)
 
 
-def run_curvature(o: CurvatureOptions) -> int:
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _check_inputs(**paths) -> None:
+    """Every local input exists (files where a file is read)."""
+    for option, value in paths.items():
+        for v in value if isinstance(value, list) else [value]:
+            if v is not None and not Path(v).expanduser().exists():
+                raise UsageError(f"{flag(option)} {v}: no such file or directory")
+
+
+def _fit_max_length(o, given: set, ctx_len: int | None):
+    """``--max-length`` above the model's context is an error when given, and the context when defaulted."""
+    if ctx_len and o.max_length > ctx_len:
+        if "max_length" in given:
+            raise UsageError(f"--max-length {o.max_length} is above the model's context of {ctx_len} tokens")
+        return dataclasses.replace(o, max_length=ctx_len)
+    return o
+
+
+def _check_layers(layers: str | None, config, option: str = "--layers") -> None:
+    """Layer indices against the model's configuration, before the weights load."""
+    from .layers import parse_layers
+
+    spec = parse_layers(layers)
+    n = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
+    if spec == "auto" or n is None:
+        return
+    bad = [i for i in spec if not 0 <= i < n]
+    if bad:
+        raise UsageError(f"{option}: block {bad[0]} does not exist; the model has blocks 0..{n - 1}")
+
+
+# ---------------------------------------------------------------------------------------------
+# curvature, inspect, merge
+
+
+def run_curvature(o: CurvatureOptions, given: set) -> int:
     import torch
 
     from .corpus import read_documents
     from .curvature import check_matches, collect, save
+    from .distributed import barrier, init_from_env, is_main, shutdown
     from .layers import find_modules, parse_layers
-    from .model import load_model
+    from .model import context_length, load_config, load_model, load_tokenizer
 
     out_file = Path(o.out) / "curvature.safetensors"
     if out_file.exists() and not o.overwrite:
         raise UsageError(f"--out {out_file}: exists; pass --overwrite to replace it")
-    _check_paths(corpus=o.corpus)
-    model, tokenizer = load_model(o.model, o.device, o.dtype)
-    modules = find_modules(model, parse_layers(o.layers), o.module)
-    print(f"layers: {', '.join(modules)}" + (" (auto)" if o.layers == "auto" else ""), file=sys.stderr)
+    _check_inputs(corpus=o.corpus)
+    from .saving import check_out
+
+    check_out(o.out, True, {"--model": o.model, "--corpus": o.corpus})
+    config = load_config(o.model)
+    ctx_len = context_length(config)
+    o = _fit_max_length(o, given, ctx_len)
+    _check_layers(o.layers, config)
+    tokenizer = load_tokenizer(o.model)
     docs = read_documents(o.corpus, tokenizer, o.max_length, o.unit, o.max_documents, o.max_tokens)
-    stats = collect(
-        model,
-        modules,
-        docs,
-        labels=o.labels,
-        mc_samples=o.mc_samples,
-        seed=o.seed,
-        batch_size=o.batch_size,
-        dtype=torch.float64 if o.accumulate == "float64" else torch.float32,
-        exact_limit=o.exact_limit,
-        progress=o.progress,
-    )
-    check_matches(stats, modules)
-    stats.meta["options"] = dataclasses.asdict(o)
-    stats.meta["threads"] = torch.get_num_threads()
-    path = save(stats, o.out, overwrite=o.overwrite)
-    print(f"{stats.meta['tokens']:,} labelled tokens from {len(docs):,} documents in {stats.meta['time_s']:.1f} s "
-          f"({o.labels} labels) -> {path}")
-    print(f"{'module':<40} {'d_out x d_in':>14} {'tr A':>12} {'tr G':>12}")
-    for n, s in stats.summary().items():
-        d_out, d_in = stats.shapes()[n]
-        print(f"{n:<40} {f'{d_out} x {d_in}':>14} {s['trace_A']:>12.4g} {s['trace_G']:>12.4g}")
+    ctx = init_from_env(o.device)  # None unless torchrun started more than one process
+    try:
+        model, tokenizer = load_model(o.model, ctx.device if ctx else o.device, o.dtype, tokenizer=tokenizer)
+        modules = find_modules(model, parse_layers(o.layers), o.module)
+        if is_main(ctx):
+            _log(f"layers: {', '.join(modules)}" + (" (auto)" if o.layers == "auto" else ""))
+        stats = collect(model, modules, docs, labels=o.labels, mc_samples=o.mc_samples, seed=o.seed,
+                        batch_size=o.batch_size, dtype=torch.float64 if o.accumulate == "float64" else torch.float32,
+                        exact_limit=o.exact_limit, progress=o.progress, parallel=ctx)
+        if is_main(ctx):
+            check_matches(stats, modules)
+            stats.meta["options"] = dataclasses.asdict(o)
+            stats.meta["threads"] = torch.get_num_threads()
+            path = save(stats, o.out, overwrite=o.overwrite)
+            print(f"{stats.meta['tokens']:,} labelled tokens from {len(docs):,} documents in {stats.meta['time_s']:.1f} s "
+                  f"({o.labels} labels) -> {path}")
+            print(f"{'module':<40} {'d_out x d_in':>14} {'tr A':>12} {'tr G':>12}")
+            for n, s in stats.summary().items():
+                d_out, d_in = stats.shapes()[n]
+                print(f"{n:<40} {f'{d_out} x {d_in}':>14} {s['trace_A']:>12.4g} {s['trace_G']:>12.4g}")
+        barrier(ctx)
+    finally:
+        shutdown(ctx)
     return 0
 
 
-def run_inspect(o: InspectOptions) -> int:
+def run_inspect(o: InspectOptions, given: set) -> int:
     from .curvature import load
     from .projector import KroneckerProjector, eigh_factor
 
     stats = load(o.curvature)
     meta = stats.meta
-    print(f"{o.curvature}: {meta.get('model')} · {meta.get('labels')} labels · {meta.get('tokens'):,} tokens")
-    print(f"{'module':<40} {'gamma':>6} {'removed':>16} {'share':>8} {'tau':>10}")
+    rows = []
     for n in stats.names:
         eA, eG = eigh_factor(stats.A[n], f"{n}.A"), eigh_factor(stats.G[n], f"{n}.G")
         for g in o.gamma:
-            t = KroneckerProjector.from_eigen(eA, eG, g, identity_G=o.identity_g).threshold
-            print(f"{n:<40} {g:>6.3f} {f'{t.removed:,}/{t.total:,}':>16} {t.removed_share:>8.4f} {t.tau:>10.3g}")
+            P = KroneckerProjector.from_eigen(eA, eG, g, identity_G=o.identity_g)
+            t = P.threshold
+            rows.append({"module": n, "gamma": g, "removed": t.removed, "total": t.total, "removed_share": t.removed_share,
+                         "tau": t.tau, **{k: v for k, v in P.summary().items() if k in ("r_A", "r_G")}})
+    if o.json:
+        print(json.dumps({"curvature": o.curvature, "meta": meta, "rows": rows}, indent=1, default=str))
+        return 0
+    print(f"{o.curvature}: {meta.get('model')} · {meta.get('labels')} labels · {meta.get('tokens'):,} tokens")
+    print(f"{'module':<40} {'gamma':>6} {'removed':>16} {'share':>8} {'tau':>10}")
+    for r in rows:
+        removed = f"{r['removed']:,}/{r['total']:,}"
+        print(f"{r['module']:<40} {r['gamma']:>6.3f} {removed:>16} {r['removed_share']:>8.4f} {r['tau']:>10.3g}")
     return 0
 
 
-def run_merge(o: MergeOptions) -> int:
+def run_merge(o: MergeOptions, given: set) -> int:
     from .curvature import load, merge, save
+    from .saving import check_out
 
+    _check_inputs(inputs=o.inputs)
+    resolved = [Path(p).expanduser().resolve() for p in o.inputs]
+    if len(set(resolved)) < len(resolved):
+        raise UsageError("--inputs: the same file is given twice")
+    check_out(o.out, True, {"--inputs": o.inputs})
     stats = load(o.inputs[0])
     for p in o.inputs[1:]:
         stats = merge(stats, load(p), o.allow_mixed_labels)
@@ -193,184 +259,507 @@ def run_merge(o: MergeOptions) -> int:
     return 0
 
 
-def _check_paths(**paths) -> None:
-    for option, value in paths.items():
-        for v in value if isinstance(value, list) else [value]:
-            if v is not None and not Path(v).exists():
-                raise UsageError(f"--{option.replace('_', '-')} {v}: no such file or directory")
+# ---------------------------------------------------------------------------------------------
+# edit
 
 
 def print_report(before: dict, after: dict, drift: dict | None = None) -> None:
     """The terminal summary: edit metrics before/after per protocol, capability, per-matrix drift."""
-    print(f"\n{'metric':<22} {'protocol':<15} {'template':<8} {'before':>8} {'after':>8} {'n':>6}")
+    metrics = after.get("metrics", [])
+    if metrics:
+        print(f"\n{'metric':<22} {'protocol':<15} {'template':<8} {'before':>8} {'after':>8} {'n':>6}")
     b = {(m["metric"], m["protocol"]): m["value"] for m in before.get("metrics", [])}
-    for m in after.get("metrics", []):
+    f = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
+    for m in metrics:
         v0 = b.get((m["metric"], m["protocol"]))
-        f = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
         print(f"{m['metric']:<22} {m['protocol']:<15} {m['template']:<8} {f(v0):>8} {f(m['value']):>8} {m['n']:>6}")
     cap = after.get("capability", {})
-    if "heldout_perplexity" in cap:
+    if "heldout_kl" in cap:
         print(f"held-out perplexity {cap['heldout_perplexity_base']:.3f} -> {cap['heldout_perplexity']:.3f} "
-              f"({cap['heldout_perplexity_change']:+.2%}); KL(base||edited) {cap['heldout_kl']:.4g} nats/token")
+              f"({cap['heldout_perplexity_change']:+.2%}); KL(base||edited) {cap['heldout_kl']:.4g} nats/token "
+              f"({cap['heldout_documents']} documents, {cap['heldout_tokens']:,} tokens)")
     if "corpus_kl" in cap:
         predicted = f" (K-FAC predicted {drift['total']['predicted_kl']:.4g})" if drift else ""
-        print(f"curvature corpus KL(base||edited) {cap['corpus_kl']:.4g} nats/token{predicted}")
+        print(f"curvature corpus KL(base||edited) {cap['corpus_kl']:.4g} nats/token{predicted} "
+              f"({cap['corpus_documents']} documents, {cap['corpus_tokens']:,} tokens)")
     if "known_facts_accuracy" in cap:
         if cap["known_facts_count"] == 0:
             print(f"known unedited facts: the base model answers none of the {cap['known_facts_offered']} offered")
         else:
             print(f"known unedited facts: {before['capability']['known_facts_accuracy']:.3f} -> "
-                  f"{cap['known_facts_accuracy']:.3f} (generation, {cap['known_facts_count']} of "
-                  f"{cap['known_facts_offered']} known by the base model)")
+                  f"{cap['known_facts_accuracy']:.3f} (generation, scored on each record's {cap['known_facts_answer_field']}; "
+                  f"{cap['known_facts_count']} of {cap['known_facts_offered']} known by the base model)")
     if drift:
         print(f"\n{'matrix':<40} {'|dW|/|W|':>9} {'pred. KL':>10} {'outside':>10}")
         for n, r in drift.items():
             print(f"{n:<40} {r['relative_change']:>9.4f} {r['predicted_kl']:>10.4g} {r['predicted_kl_outside']:>10.4g}")
 
 
-def run_edit(o: EditOptions) -> int:
+def _check_method_options(o: EditOptions, given: set) -> None:
+    if o.method in ("ft", *CLOSED_FORM_METHODS) and "gamma" in given:
+        raise UsageError(f"--gamma does not apply to --method {o.method} (it uses no projector)")
+    if o.method in CLOSED_FORM_METHODS:
+        for name in ("optimizer", "lr", "epochs", "batch_size", "budget", "refresh_drift", "edit_weight", "protect_edits"):
+            if name in given:
+                raise UsageError(f"{flag(name)} does not apply to --method {o.method} (a closed-form editor)")
+    if o.method in ("ft",) and "edit_weight" in given:
+        raise UsageError("--edit-weight does not apply to --method ft (it uses no projector)")
+    if o.protect_edits != "mix" and "mix_sample" in given:
+        raise UsageError("--mix-sample applies to --protect-edits mix only")
+
+
+def _resume_options(o: EditOptions, given: set):
+    """The options of a resumed ledger: the ledger's method options, unless given the same; a
+    contradiction is an error. Returns the options and the ledger's JSON."""
+    from . import ledger
+
+    info = ledger.read(o.resume)
+    recorded = ledger.options_of(info)
+    for f in dataclasses.fields(MethodOptions):
+        if f.name in given and getattr(o, f.name) != getattr(recorded, f.name):
+            raise UsageError(f"{flag(f.name)} {getattr(o, f.name)} contradicts the ledger's {getattr(recorded, f.name)} "
+                             f"({o.resume}); leave it out to continue as the ledger was made")
+    for name in ("curvature", "corpus", "layers", "module", "protect"):
+        if name in given:
+            raise UsageError(f"{flag(name)}: the ledger {o.resume} already holds the statistics and layers; leave it out")
+    if "dtype" in given and o.dtype != info["model_dtype"]:
+        raise UsageError(f"--dtype {o.dtype} contradicts the ledger's {info['model_dtype']} ({o.resume})")
+    changes = dataclasses.asdict(recorded)
+    changes.update(dtype=info["model_dtype"], model=o.model or info["model"])
+    return dataclasses.replace(o, **changes), info
+
+
+def _protect_sets(paths: list[str], tok, max_length: int, unit: str) -> dict[str, list[list[int]]]:
+    """``--protect`` files: request files become their facts (prompt + true answer), anything else a corpus."""
+    from .corpus import read_documents
+    from .evaluate import known_fact_pairs
+    from .requests import RequestError, edit_text, read_requests
+
+    out = {}
+    for p in paths:
+        try:
+            records = read_requests(p, "auto", tok, None, option="--protect")
+        except RequestError:
+            records = None
+        if records:
+            pairs, _ = known_fact_pairs(records)
+            out[Path(p).name] = [tok(edit_text(q, a))["input_ids"][:max_length] for q, a in pairs]
+        else:
+            out[Path(p).name] = read_documents([p], tok, max_length, unit, option="--protect")
+    return out
+
+
+def _chunk_line(record: dict, total: int | None) -> str:
+    m = record.get("metrics", {})
+    f = lambda k, d=3: "-" if m.get(k) is None else f"{m[k]:.{d}f}"  # noqa: E731
+    budget = f", budget {record['budget']['used']:.0%} used" if "budget" in record else ""
+    refresh = f", {len(record['refreshes'])} refresh(es)" if record.get("refreshes") else ""
+    loss = f"loss {record['final_loss']:.4f}, " if "final_loss" in record else ""
+    scores = (f"; reliability {f('reliability')} ({m.get('reliability_n')}), first chunk {f('first_chunk_reliability')}, "
+              f"known facts {f('known_facts_accuracy')}, KL held-out {f('heldout_kl', 4)}") if m else ""
+    return (f"chunk {record['chunk']}{'/' + str(total) if total else ''}: {record['requests']} requests, "
+            f"{record.get('steps')} steps, {loss}predicted KL {record['drift']['total']['predicted_kl']:.4g}"
+            f"{budget}{refresh}{scores} [{sum(record['seconds'].values()):.1f} s]") if record.get("drift") else \
+        f"chunk {record['chunk']}: {record['requests']} requests"
+
+
+def run_edit(o: EditOptions, given: set) -> int:
+    import random
+
     import torch
 
+    from . import ledger
     from .corpus import read_documents
-    from .curvature import collect, load
-    from .editor import build_projectors, drift_report, edit, eigenbases
+    from .curvature import check_fingerprint, collect, load
     from .evaluate import measure, prepare_reference
+    from .history import HistoryProbe
     from .layers import find_modules, parse_layers
-    from .model import load_model
-    from .requests import read_requests
-    from .saving import check_out, deltas_from, file_hash, save_edit
+    from .model import context_length, load_config, load_model, load_tokenizer
+    from .requests import read_request_files, read_requests, select
+    from .saving import check_out, file_hash, save_edit
+    from .session import EditSession
 
-    check_out(o.out, o.overwrite, {"--model": o.model, "--requests": o.requests, "--curvature": o.curvature, "--corpus": o.corpus})
-    _check_paths(requests=o.requests, curvature=o.curvature, corpus=o.corpus, heldout=o.heldout, known_facts=o.known_facts)
-    if o.curvature is None and not o.corpus:
+    # 1. the options alone
+    if o.resume and o.ledger:
+        raise UsageError("--ledger and --resume: give one (--resume continues its ledger and updates it in place)")
+    info = None
+    if o.resume:
+        o, info = _resume_options(o, given)
+    _check_method_options(o, given)
+    if not o.model:
+        raise UsageError("--model is required (on the command line or in --config)")
+    if not o.out and not (o.ledger or o.resume):
+        raise UsageError("--out is required (or --ledger, which keeps the edit)")
+    if not o.resume and o.curvature is None and not o.corpus and o.method != "ft":
         raise UsageError("give --curvature (statistics from `crispedit curvature`) or --corpus to compute them")
-    model, tok = load_model(o.model, o.device, o.dtype)
-    ctx = getattr(model.config, "max_position_embeddings", None)
-    requests = read_requests(o.requests, o.format, tok, ctx)
-    known = read_requests(o.known_facts, "auto", tok, ctx) if o.known_facts else []
-    modules = find_modules(model, parse_layers(o.layers), o.module)
+    if not o.resume and (o.refresh_drift or o.protect_edits == "mix") and not o.corpus and o.method not in CLOSED_FORM_METHODS:
+        raise UsageError(f"{'--refresh-drift' if o.refresh_drift else '--protect-edits mix'} recomputes the statistics: give --corpus")
+    # 2. files and outputs
+    _check_inputs(requests=o.requests, curvature=o.curvature, corpus=o.corpus, heldout=o.heldout,
+                  known_facts=o.known_facts, protect=o.protect)
+    inputs = {"--model": o.model, "--requests": o.requests, "--curvature": o.curvature, "--corpus": o.corpus,
+              "--heldout": o.heldout, "--known-facts": o.known_facts, "--protect": o.protect, "--resume": o.resume}
+    out = check_out(o.out, o.overwrite, inputs) if o.out else None
+    if o.ledger:
+        check_out(o.ledger, False, {**inputs, "--out": o.out}, option="--ledger")
+    if o.resume:
+        check_out(o.resume, True, {k: v for k, v in inputs.items() if k != "--resume"}, option="--resume")
+    # 3. the model's configuration and tokenizer, and everything read with them
+    config = load_config(o.model)
+    ctx_len = context_length(config)
+    o = _fit_max_length(o, given, ctx_len)
+    if o.layers is not None:
+        _check_layers(o.layers, config)
+    tok = load_tokenizer(o.model)
+    files = read_request_files(o.requests, o.format, tok, ctx_len)
+    flat = select([r for f in files for r in f], o.case_ids, o.max_requests)
+    keep = {id(r) for r in flat}
+    files = [[r for r in f if id(r) in keep] for f in files]
+    if o.shuffle is not None:
+        files = [random.Random(f"{o.shuffle}-{i}").sample(f, len(f)) for i, f in enumerate(files)]
+    names = [Path(p).name for p, f in zip(o.requests, files) if f]
+    files = [f for f in files if f]
+    requests = [r for f in files for r in f]
+    known = read_requests(o.known_facts, "auto", tok, ctx_len, option="--known-facts") if o.known_facts else []
     corpus = read_documents(o.corpus, tok, o.max_length, o.unit, o.max_documents) if o.corpus else []
-    heldout = read_documents(o.heldout, tok, o.max_length, o.unit, o.max_documents) if o.heldout else []
-    if o.curvature:
-        stats = load(o.curvature, modules)
+    heldout = read_documents(o.heldout, tok, o.max_length, o.unit, o.heldout_documents, option="--heldout") if o.heldout else []
+    protect = _protect_sets(o.protect, tok, o.max_length, o.unit) if o.protect else {}
+    stats = load(o.curvature) if o.curvature else None
+    layers = o.layers if o.layers is not None else ("auto" if stats is None else None)
+    # 4. the weights
+    model, tok = load_model(o.model, o.device, o.dtype, tokenizer=tok)
+    if info is not None:
+        from .layers import modules_by_name
+
+        modules = modules_by_name(model, list(info["modules"]))
+    elif layers is None:  # the layers of the curvature file
+        from .layers import modules_by_name
+
+        modules = modules_by_name(model, stats.names, "--curvature")
     else:
-        stats = collect(model, modules, corpus, labels=o.labels, seed=o.seed, progress=o.progress)
-    eig = eigenbases(stats, {n: m.weight.device for n, m in modules.items()})
-    projectors = build_projectors(eig, o.method, o.gamma)
-    for n, P in projectors.items():
-        t = P.threshold
-        print(f"{n}: removes {t.removed:,}/{t.total:,} directions, {t.removed_share:.1%} of the curvature energy")
-    ref = prepare_reference(model, tok, requests if o.evaluate else [], o.template, heldout, corpus, known,
-                            modules=modules, progress=o.progress)
-    base_weights = {n: m.weight.detach().clone() for n, m in modules.items()}
-    result = edit(model, tok, requests, modules, projectors, o.optimizer, o.lr, o.batch_size, o.epochs,
-                  o.loss_threshold, o.seed, o.progress)
-    drift = drift_report(result.deltas, modules, eig, projectors)
-    after = measure(model, tok, ref, progress=o.progress) if o.evaluate else {"capability": {}}
-    print(f"edited {len(requests)} requests in {result.seconds:.1f} s: {result.steps} steps, {result.epochs} epochs, "
-          f"final epoch loss {result.epoch_losses[-1]:.4g}")
-    print_report(ref.before, after, drift)
-    manifest = {
-        "base_model": o.model,
-        "requests": {"path": o.requests, "sha256": file_hash(o.requests), "count": len(requests)},
-        "curvature": stats.meta, "options": dataclasses.asdict(o), "threads": torch.get_num_threads(),
-        "projectors": {n: P.summary() for n, P in projectors.items()},
-        "steps": result.steps, "epochs": result.epochs, "epoch_losses": result.epoch_losses, "edit_seconds": result.seconds,
-        "drift": drift, "before": {k: v for k, v in ref.before.items() if k != "per_request"},
-        "after": {k: v for k, v in after.items() if k != "per_request"},
-    }
-    report = {"before": ref.before, "after": after}
-    out = save_edit(model, tok, modules, deltas_from(modules, base_weights), manifest, o.out, o.overwrite, {"report.json": report})
-    print(f"\nedited model, delta.safetensors, manifest.json and report.json -> {out}")
+        modules = find_modules(model, parse_layers(layers), o.module)
+    _log(f"editing {', '.join(modules)}" + (" (auto)" if layers == "auto" else ""))
+    if info is not None:
+        session = ledger.load(o.resume, model, tok, modules, o.progress)
+        corpus = session.capability_documents
+        _log(f"resuming {o.resume}: {len(session.history)} chunks, {len(session.requests)} requests edited so far")
+    else:
+        if stats is not None:
+            from .curvature import check_matches
+
+            check_matches(stats, modules, f"--curvature {o.curvature}")
+            if not o.allow_other_checkpoint:
+                check_fingerprint(stats, modules, f"--curvature {o.curvature}")
+        elif corpus:
+            stats = collect(model, modules, corpus, labels=o.labels, seed=o.seed, progress=o.progress)
+            _log(f"curvature: {stats.meta['tokens']:,} tokens of {len(corpus)} documents in {stats.meta['time_s']:.1f} s")
+        session = EditSession.start(model, tok, modules, method_options(o), stats, corpus, protect, o.progress)
+        if o.ledger:
+            ledger.save(session, o.ledger, o.model, o.snapshot_every)
+    # 5. what the edit is scored against, measured once on the base
+    ref = None
+    if o.evaluate:
+        with session.at_base():
+            ref = prepare_reference(model, tok, requests, o.template, heldout, corpus, known, progress=o.progress)
+        ref.base_weights = session.base
+    chunked = o.chunk_size is not None or len(files) > 1 or info is not None
+    probe = HistoryProbe(tok, ref.known_facts if ref else [], heldout, o.eval_sample, o.seed, o.template) \
+        if o.evaluate and chunked else None
+    total = sum(-(-len(f) // (o.chunk_size or len(f))) for f in files) + len(session.history)
+    target = o.ledger or o.resume
+
+    def after_chunk(s, record):
+        last = record["chunk"] == total
+        if probe is not None and (record["chunk"] % o.eval_every == 0 or last):
+            record["metrics"] = probe.score(s)
+        if target:
+            ledger.save(s, target, o.model)
+        if chunked:
+            _log(_chunk_line(record, total))
+
+    # 6. edit
+    start = time.perf_counter()
+    for name, f in zip(names, files):
+        session.edit_all(f, o.chunk_size, after_chunk, name)
+        if session.budget_spent:
+            break
+    edited = len(session.requests) - (0 if info is None else sum(r["requests"] for r in info["chunks"]))
+    if session.budget_spent:
+        _log(f"the capability budget of {o.budget:g} nats/token is spent after chunk {len(session.history)}: "
+             f"predicted drift {session.history[-1]['budget']['predicted']:.4g}; {len(requests) - edited} requests "
+             "were not edited")
+    drift = session.drift()
+    after = measure(model, tok, ref, progress=o.progress) if ref is not None else None
+    new = session.history[len(info["chunks"]) if info else 0 :]
+    print(f"edited {edited} requests in {time.perf_counter() - start:.1f} s "
+          f"({len(new)} chunks, {sum(r.get('steps') or 0 for r in new)} steps)")
+    if after is not None:
+        print_report(ref.before, after, drift)
+    elif drift:
+        print_report({}, {}, drift)
+    # 7. save
+    if out is not None:
+        manifest = {
+            "base_model": o.model, "requests": [{"path": p, "sha256": file_hash(p)} for p in o.requests],
+            "edited_requests": edited, "options": dataclasses.asdict(o), "threads": torch.get_num_threads(),
+            "curvature": session.capability_meta, "ledger": target, "chunks": session.history,
+            "steps": sum(r.get("steps") or 0 for r in session.history),
+            "projectors": {n: P.summary() for n, P in (session.projectors or {}).items()}, "drift": drift,
+            "before": {k: v for k, v in ref.before.items() if k != "per_request"} if ref else None,
+            "after": {k: v for k, v in after.items() if k != "per_request"} if after else None,
+        }
+        report = {"before": ref.before, "after": after} if ref else None
+        save_edit(model, tok, modules, session.deltas(), manifest, out, o.overwrite,
+                  {"report.json": report} if report else None, o.delta_only)
+        what = "delta.safetensors and manifest.json" if o.delta_only else "edited model, delta.safetensors, manifest.json"
+        print(f"\n{what}{' and report.json' if report else ''} -> {out}")
+    if target:
+        print(f"ledger -> {target} ({len(session.history)} chunks; `crispedit log {target}`)")
     return 0
 
 
-def run_evaluate(o: EvaluateOptions) -> int:
+# ---------------------------------------------------------------------------------------------
+# evaluate
+
+
+def run_evaluate(o: EvaluateOptions, given: set) -> int:
     from .corpus import read_documents
     from .evaluate import measure, prepare_reference
-    from .model import load_model
-    from .requests import read_requests
-    from .saving import DELTA_FILE, read_delta, shifted, write_json
+    from .model import context_length, load_config, load_model, load_tokenizer
+    from .requests import read_request_files, read_requests, select
+    from .saving import DELTA_FILE, check_out_file, read_delta, shifted, weights_hash, write_json
 
-    _check_paths(requests=o.requests, heldout=o.heldout, known_facts=o.known_facts)
-    if o.out and Path(o.out).exists() and not o.overwrite:
-        raise UsageError(f"--out {o.out}: exists; pass --overwrite to replace it")
-    base, tok = load_model(o.base, o.device, o.dtype)
-    ctx = getattr(base.config, "max_position_embeddings", None)
-    requests = read_requests(o.requests, o.format, tok, ctx)
-    known = read_requests(o.known_facts, "auto", tok, ctx) if o.known_facts else []
-    heldout = read_documents(o.heldout, tok, o.max_length, o.unit, o.max_documents) if o.heldout else []
+    _check_inputs(requests=o.requests, heldout=o.heldout, known_facts=o.known_facts)
+    if o.out:
+        check_out_file(o.out, o.overwrite, {"--model": o.model, "--base": o.base, "--requests": o.requests})
+    base_config, edited_config = load_config(o.base, "--base"), load_config(o.model, "--model")
+    keys = ("model_type", "num_hidden_layers", "hidden_size", "vocab_size")
+    if [getattr(base_config, k, None) for k in keys] != [getattr(edited_config, k, None) for k in keys]:
+        raise UsageError(f"--base {o.base}: another architecture than --model {o.model} "
+                         f"({base_config.model_type} vs {edited_config.model_type}, or other sizes)")
+    ctx_len = context_length(base_config)
+    o = _fit_max_length(o, given, ctx_len)
+    deltas, manifest = read_delta(o.model) if (Path(o.model) / DELTA_FILE).exists() else (None, None)
+    tok = load_tokenizer(o.base, "--base")
+    requests = select([r for f in read_request_files(o.requests, o.format, tok, ctx_len) for r in f], o.case_ids, o.max_requests)
+    known = read_requests(o.known_facts, "auto", tok, ctx_len, option="--known-facts") if o.known_facts else []
+    heldout = read_documents(o.heldout, tok, o.max_length, o.unit, o.heldout_documents, option="--heldout") if o.heldout else []
+    dtype = o.dtype if "dtype" in given or manifest is None else manifest.get("model_dtype", o.dtype)
+    base, _ = load_model(o.base, o.device, dtype, "--base", tokenizer=tok)
+    if manifest is not None:
+        modules = {n: base.get_submodule(n) for n in deltas if _has(base, n)}
+        if len(modules) != len(deltas) or weights_hash({n: m.weight for n, m in modules.items()}) != manifest["base_weights_sha256"]:
+            raise UsageError(f"--base {o.base}: its matrices are not the base this edit was made from "
+                             f"(hash differs from {o.model}/manifest.json; dtype {dtype})")
     ref = prepare_reference(base, tok, requests, o.template, heldout, (), known, progress=o.progress)
-    if (Path(o.model) / DELTA_FILE).exists():
+    lm_eval = None
+    if manifest is not None:
         # an edit of ours: its delta gives the base matrices back bit for bit, no second model needed
-        deltas, _ = read_delta(o.model)
         del base
-        edited, _ = load_model(o.model, o.device, o.dtype)
+        edited, _ = load_model(o.model, o.device, dtype, tokenizer=tok)
         ref.base_weights = {n: shifted(edited.get_submodule(n).weight.detach(), D, -1) for n, D in deltas.items()}
         after = measure(edited, tok, ref, progress=o.progress)
+        if o.lm_eval:
+            lm_eval = _lm_eval(o, edited, tok, base_weights=ref.base_weights)
     else:  # any other pair of models: both stay in memory for the KL
-        edited, _ = load_model(o.model, o.device, o.dtype)
+        edited, _ = load_model(o.model, o.device, dtype, tokenizer=tok)
         after = measure(edited, tok, ref, base_model=base, progress=o.progress)
+        if o.lm_eval:
+            lm_eval = _lm_eval(o, edited, tok, base_model=base)
     print_report(ref.before, after)
+    report = {"model": o.model, "base": o.base, "options": dataclasses.asdict(o), "before": ref.before, "after": after}
+    if lm_eval is not None:
+        report["lm_eval"] = lm_eval
     if o.out:
-        write_json({"model": o.model, "base": o.base, "options": dataclasses.asdict(o), "before": ref.before, "after": after}, o.out)
+        write_json(report, o.out)
         print(f"report -> {o.out}")
     return 0
 
 
-def _run_delta(o: DeltaOptions, sign: int) -> int:
+def _has(model, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+        return True
+    except AttributeError:
+        return False
+
+
+def _lm_eval(o: EvaluateOptions, model, tok, base_weights=None, base_model=None) -> dict:
+    from .lmeval import compare
+
+    result = compare(model, tok, o.lm_eval, limit=o.lm_eval_limit, base_weights=base_weights, base_model=base_model,
+                     base_id=o.base)
+    print(f"\n{'task':<28} {'metric':<18} {'base':>8} {'edited':>8} {'change':>8}")
+    for r in result["rows"]:
+        print(f"{r['task']:<28} {r['metric']:<18} {r['base']:>8.4f} {r['edited']:>8.4f} {r['change']:>+8.4f}")
+    if result.get("mean_change") is not None:
+        print(f"{'mean':<28} {'':<18} {'':>8} {'':>8} {result['mean_change']:>+8.4f}")
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# apply-delta, revert, log
+
+
+def _run_delta(o: DeltaOptions, given: set, sign: int) -> int:
     from .model import load_model
     from .saving import apply_delta, check_out, read_delta, save_model
 
-    check_out(o.out, o.overwrite, {"--model": o.model, "--delta": o.delta})
+    _check_inputs(delta=o.delta)
     deltas, manifest = read_delta(o.delta)
-    model, tok = load_model(o.model, o.device, o.dtype)
+    out = check_out(o.out, o.overwrite, {"--model": o.model, "--delta": o.delta})
+    dtype = o.dtype if "dtype" in given else manifest.get("model_dtype", o.dtype)
+    model, tok = load_model(o.model, o.device, dtype)
     apply_delta(model, deltas, manifest, sign)
-    save_model(model, tok, o.out, o.overwrite, {"command": "apply-delta" if sign > 0 else "revert", "delta": str(o.delta)})
+    save_model(model, tok, out, o.overwrite, {"command": "apply-delta" if sign > 0 else "revert", "delta": str(o.delta),
+                                                "delta_manifest": {k: manifest.get(k) for k in ("base_model", "edited_weights_sha256",
+                                                                                                  "base_weights_sha256")}})
     what = "edited" if sign > 0 else "base"
-    print(f"{len(deltas)} matrices {'applied' if sign > 0 else 'reverted'}; {what} weights reproduced bit for bit -> {o.out}")
+    print(f"{len(deltas)} matrices {'applied' if sign > 0 else 'reverted'}; {what} weights reproduced bit for bit -> {out}")
     return 0
 
 
-def run_demo(o: DemoOptions) -> int:
+def run_revert(o: RevertOptions, given: set) -> int:
+    if o.ledger is None:
+        for name in ("model", "delta", "out"):
+            if getattr(o, name) is None:
+                raise UsageError(f"{flag(name)} is required (or give a ledger: crispedit revert LEDGER --to K)")
+        if o.to is not None:
+            raise UsageError("--to takes a ledger: crispedit revert LEDGER --to K")
+        return _run_delta(o, given, -1)
+    return _revert_ledger(o, given)
+
+
+def _revert_ledger(o: RevertOptions, given: set) -> int:
+    from . import ledger
+
+    if o.to is None:
+        raise UsageError("--to is required with a ledger (the chunk whose state to restore; 0: the base)")
+    for name in ("delta", "out"):
+        if getattr(o, name) is not None:
+            raise UsageError(f"{flag(name)} does not apply to a ledger; `crispedit apply-delta --delta {o.ledger}` makes its model")
+    info = ledger.read(o.ledger)
+    n = len(info["chunks"])
+    if not 0 <= o.to <= n:
+        raise UsageError(f"--to {o.to}: the ledger {o.ledger} has chunks 0..{n}")
+    if str(o.to) in info["snapshots"] or o.to == n:
+        info = ledger.revert(o.ledger, o.to) if o.to < n else info
+        print(f"{o.ledger}: state after chunk {o.to} restored from its snapshot ({n - o.to} chunks kept under 'reverted')")
+        return 0
+    # no snapshot: replay from the nearest earlier one, which gives the same bits
+    from .layers import modules_by_name
+    from .model import load_model
+
+    j = ledger.nearest_snapshot(info, o.to)
+    dtype = o.dtype if "dtype" in given else info["model_dtype"]
+    model, tok = load_model(o.model or info["model"], o.device, dtype)
+    modules = modules_by_name(model, list(info["modules"]))
+    session = ledger.load(o.ledger, model, tok, modules, o.progress, chunk=j)
+    requests = ledger.read_requests(Path(o.ledger) / info["current"]["requests"], Path(o.ledger))
+    for k in range(j, o.to):
+        chunk = [r for c, r in requests if c == k]
+        _log(f"replaying chunk {k + 1} ({len(chunk)} requests)")
+        session.edit(chunk, info["chunks"][k].get("name"))
+        session.history[-1]["metrics"] = info["chunks"][k].get("metrics")
+    ledger.replace_history(o.ledger, session, o.to)
+    print(f"{o.ledger}: state after chunk {o.to} restored by replaying chunks {j + 1}..{o.to} "
+          f"({n - o.to} chunks kept under 'reverted')")
+    return 0
+
+
+def run_log(o: LogOptions, given: set) -> int:
+    from . import ledger
+
+    info = ledger.read(o.ledger)
+    if o.json:
+        print(json.dumps(info["chunks"], indent=1, default=str))
+        return 0
+    opts = info["options"]
+    print(f"{o.ledger}: {info['model']} · {opts['method']} · {len(info['chunks'])} chunks · "
+          f"layers {', '.join(info['modules'])}")
+    head = (f"{'chunk':>5} {'requests':>8} {'steps':>6} {'loss':>8} {'|dW|/|W|':>9} {'pred. KL':>9} {'KL held-out':>11} "
+            f"{'reliab.':>7} {'first':>6} {'rephr.':>6} {'known':>6} {'refr.':>5} {'budget':>7} {'time':>7}")
+    print(head)
+    f = lambda x, d=3: "-" if x is None else f"{x:.{d}f}"  # noqa: E731
+    edits = 0
+    for r in info["chunks"]:
+        m, d = r.get("metrics") or {}, (r.get("drift") or {}).get("total", {})
+        edits += r["requests"]
+        budget = f"{r['budget']['used']:.0%}" if r.get("budget") else "-"
+        print(f"{r['chunk']:>5} {edits:>8} {r.get('steps') if r.get('steps') is not None else '-':>6} "
+              f"{f(r.get('final_loss'), 4):>8} {f(d.get('relative_change'), 4):>9} {f(d.get('predicted_kl'), 4):>9} "
+              f"{f(m.get('heldout_kl'), 4):>11} {f(m.get('reliability')):>7} {f(m.get('first_chunk_reliability')):>6} "
+              f"{f(m.get('rephrase')):>6} {f(m.get('known_facts_accuracy')):>6} {len(r.get('refreshes', [])):>5} "
+              f"{budget:>7} {sum(r.get('seconds', {}).values()):>6.1f}s")
+    if info.get("reverted"):
+        print(f"reverted: {sum(len(x['chunks']) for x in info['reverted'])} chunks (kept in ledger.json under 'reverted')")
+    return 0
+
+
+def run_plan(o: PlanOptions, given: set) -> int:
+    from .plan import plan, print_plan
+
+    result = plan(o.model, o.layers, o.module, o.dtype, o.requests, o.gamma)
+    if o.json:
+        print(json.dumps(result, indent=1))
+    else:
+        print_plan(result)
+    return 0
+
+
+def run_demo(o: DemoOptions, given: set) -> int:
     from .demo import run
 
     return run(o)
 
 
 RUNNERS = {"curvature": run_curvature, "edit": run_edit, "evaluate": run_evaluate,
-           "apply-delta": lambda o: _run_delta(o, +1), "revert": lambda o: _run_delta(o, -1),
-           "inspect": run_inspect, "merge-curvature": run_merge, "demo": run_demo}
+           "apply-delta": lambda o, g: _run_delta(o, g, +1), "revert": run_revert, "log": run_log,
+           "inspect": run_inspect, "merge-curvature": run_merge, "plan": run_plan, "demo": run_demo}
 
 
-def main(argv: list[str] | None = None) -> int:
+def _user_errors() -> tuple[type[Exception], ...]:
+    """Every error a user's input can cause: each ends as one line and exit status 2."""
+    from .budget import BudgetError
     from .corpus import CorpusError
     from .curvature import StatisticsError
+    from .distributed import DistributedError
     from .editor import EditError
     from .evaluate import EvaluationError
     from .layers import LayerError
+    from .ledger import LedgerError
+    from .memit import MemitError
     from .model import ModelError
     from .projector import CurvatureError
     from .requests import RequestError
     from .saving import SaveError
+    from .session import SessionError
 
+    return (UsageError, OptionError, CorpusError, StatisticsError, LayerError, ModelError, CurvatureError, RequestError,
+            EditError, SaveError, EvaluationError, SessionError, LedgerError, BudgetError, MemitError, DistributedError)
+
+
+def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cls = COMMANDS[args.command][0]
     start = time.perf_counter()
     try:
-        options = options_from_args(cls, args)
+        options, given = options_from_args(cls, args)
         _setup_runtime(options)
-        code = RUNNERS[args.command](options)
-    except (UsageError, CorpusError, StatisticsError, LayerError, ModelError, CurvatureError, RequestError,
-            EditError, SaveError, EvaluationError) as e:
+        code = RUNNERS[args.command](options, given)
+    except (UsageError, OptionError) as e:
         print(f"crispedit {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"crispedit {args.command}: interrupted; nothing was written", file=sys.stderr)
         return 130
-    print(f"done in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    except Exception as e:
+        if isinstance(e, _user_errors()):
+            print(f"crispedit {args.command}: error: {e}", file=sys.stderr)
+            return 2
+        raise
+    _log(f"done in {time.perf_counter() - start:.1f} s")
     return code
-
 
 
 if __name__ == "__main__":

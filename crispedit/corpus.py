@@ -14,23 +14,23 @@ from array import array
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-UNITS = ("line", "paragraph", "chunk")
+from .options import UNITS
 
 
 class CorpusError(ValueError):
     """A corpus that cannot be read, naming the file and record."""
 
 
-def _texts_from_file(path: Path, unit: str) -> Iterator[str]:
+def _texts_from_file(path: Path, unit: str, option: str = "--corpus") -> Iterator[str]:
     if not path.exists():
-        raise CorpusError(f"--corpus {path}: no such file or directory")
+        raise CorpusError(f"{option} {path}: no such file or directory")
     if path.is_dir():
-        yield from _texts_from_dataset(path)
+        yield from _texts_from_dataset(path, option)
         return
     try:
         raw = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
-        raise CorpusError(f"--corpus {path}: not UTF-8 text ({e})") from None
+        raise CorpusError(f"{option} {path}: not UTF-8 text ({e})") from None
     if path.suffix in (".jsonl", ".json"):
         for n, line in enumerate(raw.splitlines(), 1):
             if not line.strip():
@@ -38,10 +38,10 @@ def _texts_from_file(path: Path, unit: str) -> Iterator[str]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise CorpusError(f"--corpus {path}, line {n}: not JSON ({e.msg})") from None
+                raise CorpusError(f"{option} {path}, line {n}: not JSON ({e.msg})") from None
             text = record.get("text") if isinstance(record, dict) else None
             if not isinstance(text, str):
-                raise CorpusError(f"--corpus {path}, line {n}: field 'text' missing or not a string")
+                raise CorpusError(f"{option} {path}, line {n}: field 'text' missing or not a string")
             if text.strip():
                 yield text
     elif unit == "line":
@@ -55,16 +55,16 @@ def _texts_from_file(path: Path, unit: str) -> Iterator[str]:
         yield raw
 
 
-def _texts_from_dataset(path: Path) -> Iterator[str]:
+def _texts_from_dataset(path: Path, option: str = "--corpus") -> Iterator[str]:
     try:
         import datasets
     except ImportError:
-        raise CorpusError(f"--corpus {path}: a directory is read as a saved `datasets` dataset; pip install datasets") from None
+        raise CorpusError(f"{option} {path}: a directory is read as a saved `datasets` dataset; pip install datasets") from None
     ds = datasets.load_from_disk(str(path))
     if isinstance(ds, datasets.DatasetDict):
         ds = ds["train"] if "train" in ds else next(iter(ds.values()))
     if "text" not in ds.column_names:
-        raise CorpusError(f"--corpus {path}: dataset has no 'text' column (columns: {ds.column_names})")
+        raise CorpusError(f"{option} {path}: dataset has no 'text' column (columns: {ds.column_names})")
     yield from (t for t in ds["text"] if isinstance(t, str) and t.strip())
 
 
@@ -75,6 +75,7 @@ def read_documents(
     unit: str = "line",
     max_documents: int | None = None,
     max_tokens: int | None = None,
+    option: str = "--corpus",
 ) -> list[list[int]]:
     """Tokenise a corpus into documents of at most ``max_length`` tokens.
 
@@ -84,11 +85,11 @@ def read_documents(
     if unit not in UNITS:
         raise CorpusError(f"--unit must be one of {', '.join(UNITS)}, got {unit!r}")
     if not paths:
-        raise CorpusError("--corpus: no file given")
+        raise CorpusError(f"{option}: no file given")
     docs: list[list[int]] = []
     labelled = 0
     for p in paths:
-        for text in _texts_from_file(Path(p), unit):
+        for text in _texts_from_file(Path(p), unit, option):
             ids = tokenizer(text, add_special_tokens=True)["input_ids"]
             pieces = [ids[i : i + max_length] for i in range(0, len(ids), max_length)] if unit == "chunk" else [ids[:max_length]]
             for doc in pieces:
@@ -105,7 +106,7 @@ def read_documents(
                 ):
                     return docs
     if not docs:
-        raise CorpusError(f"--corpus {', '.join(map(str, paths))}: no document with at least two tokens")
+        raise CorpusError(f"{option} {', '.join(map(str, paths))}: no document with at least two tokens")
     return docs
 
 

@@ -40,9 +40,9 @@ from . import __version__
 from .corpus import fingerprint
 from .distributed import DistContext, shard
 from .layers import is_conv1d, weight_shape
+from .options import LABEL_MODES
 from .running import Forward, frozen, full_precision, hf_forward, input_device, pad_batch
 
-LABEL_MODES = ("sampled", "empirical", "exact")
 FILE_NAME = "curvature.safetensors"
 FORMAT = "crispedit.kfac/1"
 # exact mode: refuse more than this many backward vectors (V × N) unless raised explicitly.
@@ -280,6 +280,7 @@ def collect(
         "world_size": world,
         "dtype": str(dtype).removeprefix("torch."),
         "model_dtype": str(next(iter(modules.values())).weight.dtype).removeprefix("torch."),
+        "weights_sha256": weights_fingerprint(modules),
         "layers": {n: list(weight_shape(m)) for n, m in modules.items()},
         "conv1d": [n for n, m in modules.items() if is_conv1d(m)],
         "time_s": elapsed,
@@ -471,12 +472,35 @@ def check_matches(stats: KFACStatistics, modules: dict[str, nn.Module], source: 
             )
 
 
+def weights_fingerprint(modules: dict[str, nn.Module]) -> str:
+    """SHA-256 of the edited matrices the statistics were taken at (``saving.weights_hash``)."""
+    from .saving import weights_hash
+
+    return weights_hash({n: m.weight for n, m in modules.items()})
+
+
+def check_fingerprint(stats: KFACStatistics, modules: dict[str, nn.Module], source: str = "--curvature") -> None:
+    """Refuse statistics taken on another checkpoint of the same shapes (another fine-tune, say)."""
+    recorded = stats.meta.get("weights_sha256")
+    if recorded and recorded != weights_fingerprint(modules):
+        raise StatisticsError(f"{source}: computed on other weights of these matrices ({stats.meta.get('model')}; "
+                              "another checkpoint of the same shapes?); pass --allow-other-checkpoint to use it anyway")
+
+
 def merge(a: KFACStatistics, b: KFACStatistics, allow_mixed_labels: bool = False) -> KFACStatistics:
-    """Statistics of the union of two corpora: token-weighted means of the factors (exact)."""
+    """Statistics of the union of two corpora: the token-weighted means of the factors. Each merged
+    factor is exactly that of the union corpus; their Kronecker product ``A ⊗ G`` is *not* the
+    token-weighted sum of the parts' own products (``Σ_s w_s A_s ⊗ G_s``): K-FAC's approximation,
+    made once more across the parts."""
     if set(a.A) != set(b.A):
         raise StatisticsError(f"cannot merge statistics of different modules: {sorted(a.A)} vs {sorted(b.A)}")
     if a.shapes() != b.shapes():
         raise StatisticsError("cannot merge statistics of different shapes (another model?)")
+    if a.meta.get("weights_sha256") and b.meta.get("weights_sha256") and a.meta["weights_sha256"] != b.meta["weights_sha256"]:
+        raise StatisticsError(f"cannot merge statistics of two models ({a.meta.get('model')} and {b.meta.get('model')}: "
+                              "the edited matrices differ)")
+    if a.meta.get("corpus_fingerprint") and a.meta.get("corpus_fingerprint") == b.meta.get("corpus_fingerprint"):
+        raise StatisticsError("cannot merge statistics of the same corpus twice (the same file, or a copy of it)")
     if a.meta.get("labels") != b.meta.get("labels") and not allow_mixed_labels:
         raise StatisticsError(f"cannot merge {a.meta.get('labels')} with {b.meta.get('labels')} labels")
     A, G, tokens = {}, {}, {}

@@ -13,21 +13,24 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-import torch
 
 from .curvature import collect
-from .editor import build_projectors, drift_report, edit, eigenbases
 from .evaluate import measure, metric, prepare_reference
 from .layers import find_modules
 from .model import ModelError, load_model
-from .options import DemoOptions
+from .options import GRADIENT_METHODS, DemoOptions, MethodOptions
 from .requests import EditRequest
 from .saving import SaveError, write_json
+from .session import EditSession
 from .world import RELATIONS, TRAINED_TEMPLATES, build_world
 
 MODEL_DIR = Path(__file__).parent / "demo_model"
 CURVATURE_DOCS = 100
 SWEEP = (0.5, 0.8, 0.9, 0.95, 0.99)
+# the closed-form editors on this 1.8M model: lambda matched to its width (the 15,000 of LLaMA-3-8B is matched to
+# d_in 14,336), and the null space of AlphaEdit relative to C's largest eigenvalue (2e-2 absolute is LLaMA-3's scale)
+MEMIT_LAMBDA = 384.0
+ALPHAEDIT_RELATIVE_THRESHOLD = 1e-2
 OUTPUTS = ("demo-report.json", "demo-plot.png")
 
 
@@ -57,27 +60,26 @@ def _documents(tok, texts: list[str]) -> list[list[int]]:
     return [tok(t)["input_ids"] for t in texts]
 
 
-def run_method(model, tok, requests, modules, eig, ref, method: str, gamma: float, o: DemoOptions) -> dict:
-    """Edit with one method from the base weights, measure, and put the base weights back."""
-    base = {n: m.weight.detach().clone() for n, m in modules.items()}
-    projectors = build_projectors(eig, method, gamma)
-    result = edit(model, tok, requests, modules, projectors, lr=o.lr, epochs=o.epochs, seed=o.seed, progress=o.progress)
-    drift = drift_report(result.deltas, modules, eig, projectors)
+def run_method(model, tok, requests, modules, stats, ref, method: str, gamma: float | None, o: DemoOptions) -> dict:
+    """Edit with one method from the base weights in one session, measure, and put the base weights back."""
+    options = MethodOptions(method=method, gamma=gamma if method in ("crispedit", "nullspace") else None, lr=o.lr,
+                            epochs=o.epochs, seed=o.seed, mom2_update_weight=MEMIT_LAMBDA, nullspace_relative=True,
+                            nullspace_threshold=ALPHAEDIT_RELATIVE_THRESHOLD)
+    session = EditSession.start(model, tok, modules, options, stats, progress=o.progress)
+    record = session.edit(requests)
     after = measure(model, tok, ref)
-    with torch.no_grad():
-        for n, m in modules.items():
-            m.weight.copy_(base[n])
-    cap = after["capability"]
+    session.restore_base()
+    cap, drift = after["capability"], record["drift"]["total"]
     return {
-        "method": method, "gamma": 0.0 if method == "ft" else gamma,
+        "method": method, "gamma": options.effective_gamma() if method in GRADIENT_METHODS else None,
         "reliability": metric(after, "reliability"), "generalization": metric(after, "generalization"),
         "locality_agreement": metric(after, "locality_agreement"), "locality_accuracy": metric(after, "locality_accuracy"),
         "reliability_teacher_forced": metric(after, "reliability", "teacher_forced"),
         "perplexity_change": cap["heldout_perplexity_change"], "heldout_kl": cap["heldout_kl"],
-        "corpus_kl": cap["corpus_kl"], "predicted_kl": drift["total"]["predicted_kl"],
-        "predicted_kl_outside": drift["total"]["predicted_kl_outside"],
-        "known_facts_accuracy": cap["known_facts_accuracy"], "steps": result.steps, "epochs": result.epochs,
-        "seconds": result.seconds, "relative_change": drift["total"]["relative_change"],
+        "corpus_kl": cap["corpus_kl"], "predicted_kl": drift["predicted_kl"],
+        "predicted_kl_outside": drift["predicted_kl_outside"],
+        "known_facts_accuracy": cap["known_facts_accuracy"], "steps": record.get("steps"), "epochs": record.get("epochs"),
+        "seconds": record["seconds"]["edit"], "relative_change": drift["relative_change"],
     }
 
 
@@ -89,7 +91,8 @@ def plot(rows: list[dict], sweep: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4.2))
-    colours = {"crispedit": "tab:blue", "ft": "tab:red", "nullspace": "tab:green"}
+    colours = {"crispedit": "tab:blue", "ft": "tab:red", "nullspace": "tab:green", "memit": "tab:orange",
+               "alphaedit": "tab:purple"}
     for method in ("crispedit", "nullspace"):
         pts = sorted((r for r in sweep if r["method"] == method), key=lambda r: r["gamma"])
         if pts:
@@ -97,7 +100,7 @@ def plot(rows: list[dict], sweep: list[dict], path: Path) -> None:
             for r in pts:
                 ax.annotate(f"{r['gamma']:g}", (r["heldout_kl"], r["reliability"]), fontsize=7, color=colours[method])
     for r in rows:
-        label = r["method"] + ("" if r["method"] == "ft" else f" γ={r['gamma']:g}")
+        label = r["method"] + ("" if r["gamma"] in (None, 0.0) else f" γ={r['gamma']:g}")
         ax.scatter(r["heldout_kl"], r["reliability"], color=colours[r["method"]], s=60, label=label, zorder=3)
     ax.set_xscale("log")
     ax.set_xlabel("capability drift: mean KL(base ‖ edited) on held-out text (nats/token)")
@@ -127,27 +130,27 @@ def run(o: DemoOptions) -> int:
     print(f"demo model: LLaMA, {sum(p.numel() for p in model.parameters()):,} parameters, "
           f"editing {', '.join(n.split('.')[2] for n in modules)} (mlp.down_proj, auto)")
     stats = collect(model, modules, corpus, labels="sampled", seed=o.seed)
-    eig = eigenbases(stats)
     print(f"curvature: {stats.meta['tokens']:,} tokens of {len(corpus)} training-text documents in {stats.meta['time_s']:.2f} s")
     ref = prepare_reference(model, tok, requests, "raw", heldout, corpus, known, modules=modules)
     base_rel = metric(ref.before, "reliability")
     print(f"{len(requests)} edits; base model: new target already answered {base_rel:.1%}, "
           f"knows {len(ref.known_facts)}/{ref.known_facts_total} unedited facts; "
           f"held-out perplexity {ref.before['capability']['heldout_perplexity']:.3f}\n")
-    rows = [run_method(model, tok, requests, modules, eig, ref, m, o.gamma, o) for m in ("crispedit", "ft", "nullspace")]
+    methods = ("crispedit", "ft", "nullspace") + (("memit", "alphaedit") if o.all_methods else ())
+    rows = [run_method(model, tok, requests, modules, stats, ref, m, o.gamma, o) for m in methods]
     sweep = []
     if o.sweep:
-        sweep = [run_method(model, tok, requests, modules, eig, ref, m, g, o) for m in ("crispedit", "nullspace") for g in SWEEP]
+        sweep = [run_method(model, tok, requests, modules, stats, ref, m, g, o) for m in ("crispedit", "nullspace") for g in SWEEP]
     head = (f"{'method':<16} {'reliab.':>7} {'general.':>8} {'locality':>8} {'known':>6} {'ppl chg':>8} "
             f"{'KL held-out':>11} {'KL pred.':>9} {'steps':>5} {'time':>6}")
     print(head)
     print("-" * len(head))
     for r in rows + sweep:
-        name = r["method"] + ("" if r["method"] == "ft" else f" {r['gamma']:g}")
+        name = r["method"] + ("" if r["gamma"] in (None, 0.0) else f" {r['gamma']:g}")
         known_acc = "-" if r["known_facts_accuracy"] is None else f"{r['known_facts_accuracy']:.3f}"
         print(f"{name:<16} {r['reliability']:>7.3f} {r['generalization']:>8.3f} {r['locality_agreement']:>8.3f} "
               f"{known_acc:>6} {r['perplexity_change']:>+8.2%} {r['heldout_kl']:>11.4f} "
-              f"{r['predicted_kl']:>9.4f} {r['steps']:>5d} {r['seconds']:>5.1f}s")
+              f"{r['predicted_kl']:>9.4f} {r['steps'] if r['steps'] is not None else '-':>5} {r['seconds']:>5.1f}s")
     print("\nAll scores by greedy generation, exact match after normalisation (raw prompts). reliab.: edit prompt;"
           "\ngeneral.: the never-trained template; locality: neighbour answers unchanged; known: unedited facts the base"
           "\nknew; KL: mean per-token KL(base || edited) on held-out narrative, measured and K-FAC predicted (curvature corpus).")

@@ -156,3 +156,17 @@ def find_modules(
             )
         out[f"{blocks_name}.{i}.{module}"] = m
     return out
+
+
+def modules_by_name(model: nn.Module, names: Sequence[str], source: str = "the ledger") -> dict[str, nn.Module]:
+    """The modules of full names recorded elsewhere (a curvature file, a ledger), in that order."""
+    out = {}
+    for name in names:
+        try:
+            m = model.get_submodule(name)
+        except AttributeError:
+            m = None
+        if m is None or not is_linear(m):
+            raise LayerError(f"{source}: {name} is not a linear module of this model (another architecture?)")
+        out[name] = m
+    return out

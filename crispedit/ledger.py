@@ -425,3 +425,15 @@ def revert(directory: str | Path, to: int) -> dict:
     _save_text(json.dumps(manifest, indent=2, default=str) + "\n", directory / MANIFEST)
     _remove_unreferenced(directory, after)
     return after
+
+
+def replace_history(directory: str | Path, session, to: int) -> dict:
+    """After a replay through chunk ``to``: the replayed state becomes current, the chunks after ``to``
+    move under ``reverted``, and snapshots after ``to`` are dropped."""
+    directory = Path(directory)
+    info = _read_json(directory)
+    kept = {**info, "reverted": info.get("reverted", []) + [{"to": to, "chunks": info["chunks"][to:]}],
+            "snapshots": {k: v for k, v in info["snapshots"].items() if int(k) <= to}}
+    _save_text(json.dumps(kept, indent=1, default=str) + "\n", directory / LEDGER)
+    save(session, directory, info["model"])
+    return _read_json(directory)

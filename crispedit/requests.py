@@ -16,11 +16,30 @@ the field, before anything is edited.
 
 from __future__ import annotations
 
+import difflib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-FORMATS = ("auto", "counterfact", "counterfact-nested", "zsre", "wikibigedit", "jsonl")
+from .options import FORMATS
+
+# the fields each format reads, and fields of the public files that it knowingly ignores
+FIELDS = {
+    "counterfact": ("case_id", "prompt", "target_new", "subject", "ground_truth", "rephrase_prompt", "locality_prompt",
+                    "locality_ground_truth"),
+    "counterfact-nested": ("case_id", "requested_rewrite", "paraphrase_prompts", "neighborhood_prompts"),
+    "zsre": ("case_id", "src", "alt", "rephrase", "loc", "loc_ans", "answers", "subject"),
+    "wikibigedit": ("case_id", "update", "prompt", "ans", "target_new", "subject", "ground_truth", "rephrase",
+                    "rephrase_prompt", "loc", "locality_prompt", "loc_ans"),
+    "jsonl": ("case_id", "prompt", "target_new", "subject", "ground_truth", "rephrase_prompts", "locality"),
+}
+IGNORED = {
+    "counterfact": (),
+    "counterfact-nested": ("pararel_idx", "attribute_prompts", "generation_prompts"),
+    "zsre": ("pred", "cond"),
+    "wikibigedit": ("tag", "date", "personas", "mhop", "mhop_ans"),
+    "jsonl": (),
+}
 
 
 class RequestError(ValueError):
@@ -48,10 +67,15 @@ def edit_text(prompt: str, target: str) -> str:
     return prompt + (target if target.startswith(" ") else " " + target)
 
 
-def _load_records(path: Path) -> list:
+def _load_records(path: Path, option: str = "--requests") -> list:
     if not path.exists():
-        raise RequestError(f"--requests {path}: no such file")
-    text = path.read_text(encoding="utf-8")
+        raise RequestError(f"{option} {path}: no such file")
+    if path.is_dir():
+        raise RequestError(f"{option} {path}: is a directory; give a request file (JSON or JSON Lines)")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise RequestError(f"{option} {path}: not UTF-8 text") from None
     stripped = text.lstrip()
     if stripped.startswith("["):
         try:
@@ -152,14 +176,15 @@ def _check(kw: dict, where: str) -> EditRequest:
     return EditRequest(**kw)
 
 
-def read_requests(path: str | Path, fmt: str = "auto", tokenizer=None, max_length: int | None = None) -> list[EditRequest]:
+def read_requests(path: str | Path, fmt: str = "auto", tokenizer=None, max_length: int | None = None,
+                  option: str = "--requests") -> list[EditRequest]:
     """Read and check every record of ``path``; with ``tokenizer``, also check the tokenisation."""
     path = Path(path)
     if fmt not in FORMATS:
         raise RequestError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
-    records = _load_records(path)
+    records = _load_records(path, option)
     if not isinstance(records, list) or not records:
-        raise RequestError(f"--requests {path}: expected a non-empty list of records")
+        raise RequestError(f"{option} {path}: expected a non-empty list of records")
     out = []
     for i, rec in enumerate(records):
         where = f"{path}: record {i}" + (f" (case_id {rec['case_id']})" if isinstance(rec, dict) and "case_id" in rec else "")
@@ -170,11 +195,61 @@ def read_requests(path: str | Path, fmt: str = "auto", tokenizer=None, max_lengt
                 fmt = detect_format(rec)
             except RequestError as e:
                 raise RequestError(f"{where}: {e}") from None
+        _check_fields(rec, fmt, where)
         req = _check(_normalise(rec, fmt), where)
         if tokenizer is not None:
             check_tokens(req, tokenizer, max_length, where)
         out.append(req)
     return out
+
+
+def _check_fields(rec: dict, fmt: str, where: str) -> None:
+    """A field the format does not read is a mistake when it looks like one it reads (a misspelling,
+    or a field of another format): refuse it, naming the fields the format knows."""
+    known = FIELDS[fmt]
+    for key in rec:
+        if key in known or key in IGNORED[fmt]:
+            continue
+        close = difflib.get_close_matches(key, [k for f in FIELDS.values() for k in f], n=1, cutoff=0.75)
+        if close or fmt == "jsonl":
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise RequestError(f"{where}: field {key!r} is not read by the {fmt} format{hint}; "
+                               f"it reads {', '.join(known)}")
+
+
+def check_unique(requests: list[EditRequest], where: str) -> None:
+    """Two requests with one case_id, or one prompt with two different targets, are contradictions."""
+    ids: dict = {}
+    targets: dict[str, tuple[str, object]] = {}
+    for i, r in enumerate(requests):
+        if r.case_id is not None:
+            if r.case_id in ids:
+                raise RequestError(f"{where}: records {ids[r.case_id]} and {i} share case_id {r.case_id!r}")
+            ids[r.case_id] = i
+        seen = targets.get(r.prompt)
+        if seen is not None and seen[0] != r.target_new:
+            raise RequestError(f"{where}: the prompt {r.prompt!r} asks for {seen[0]!r} (record {seen[1]}) and "
+                               f"{r.target_new!r} (record {i})")
+        targets.setdefault(r.prompt, (r.target_new, i))
+
+
+def select(requests: list[EditRequest], case_ids=None, max_requests: int | None = None, where: str = "--requests") -> list[EditRequest]:
+    """The requests with the given case ids (all of them must exist), then the first ``max_requests``."""
+    if case_ids:
+        wanted = [str(c) for c in case_ids]
+        by_id = {str(r.case_id): r for r in requests}
+        missing = [c for c in wanted if c not in by_id]
+        if missing:
+            raise RequestError(f"--case-ids: {', '.join(missing[:5])} not in {where}")
+        requests = [by_id[c] for c in wanted]
+    return requests[:max_requests] if max_requests else requests
+
+
+def read_request_files(paths, fmt: str = "auto", tokenizer=None, max_length: int | None = None) -> list[list[EditRequest]]:
+    """``read_requests`` of every file; case ids and prompts must not contradict across the files."""
+    files = [read_requests(p, fmt, tokenizer, max_length) for p in paths]
+    check_unique([r for f in files for r in f], ", ".join(map(str, paths)))
+    return files
 
 
 def check_tokens(req: EditRequest, tokenizer, max_length: int | None, where: str) -> None:

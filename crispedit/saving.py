@@ -96,6 +96,29 @@ def check_out(out: str | Path, overwrite: bool = False, inputs: dict[str, object
     return out
 
 
+def check_out_file(path: str | Path, overwrite: bool = False, inputs: dict[str, object] | None = None,
+                   option: str = "--out") -> Path:
+    """Check an output *file* (a JSON report) before any work: not a directory, not an input or inside
+    one, its directory writable, and not an existing file unless ``overwrite``."""
+    path = Path(path).expanduser().resolve()
+    if path.is_dir():
+        raise SaveError(f"{option} {path}: is a directory; give a file name for the report")
+    for name, value in (inputs or {}).items():
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if v is not None and Path(v).expanduser().exists() and _is_within(path, Path(v).expanduser().resolve()):
+                raise SaveError(f"{option} {path} lies inside {name} {v}; write the report elsewhere")
+    if path.exists() and not overwrite:
+        raise SaveError(f"{option} {path}: exists; pass --overwrite to replace it")
+    existing = path.parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise SaveError(f"{option} {path}: lies under {existing}, which is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise SaveError(f"{option} {path}: {existing} is not writable")
+    return path
+
+
 def _default_mode(path: Path) -> None:
     """The permissions a normal ``mkdir`` would give (mkdtemp makes directories 0700)."""
     umask = os.umask(0)

@@ -168,7 +168,8 @@ def test_edit_then_apply_delta_and_revert(tiny, tmp_path, requests_file, capsys)
     assert {"config.json", "model.safetensors", "delta.safetensors", "manifest.json", "report.json", "tokenizer.json"} <= {p.name for p in out.iterdir()}
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["options"]["method"] == "crispedit" and manifest["steps"] == 3
-    assert manifest["requests"]["count"] == 2 and len(manifest["requests"]["sha256"]) == 64
+    assert manifest["edited_requests"] == 2 and len(manifest["requests"][0]["sha256"]) == 64
+    assert manifest["chunks"][0]["steps"] == 3 and manifest["chunks"][0]["requests"] == 2
     assert set(manifest["drift"]) == {"model.layers.1.mlp.down_proj", "model.layers.2.mlp.down_proj", "total"}
     report = json.loads((out / "report.json").read_text())
     tags = {(m["metric"], m["protocol"], m["template"]) for m in report["after"]["metrics"]}

@@ -35,7 +35,7 @@ def _residue(result, modules, projectors):
     """Largest ‖ΔW − P ΔW‖ / ‖ΔW‖ over the edited matrices (linear orientation)."""
     worst = 0.0
     for n, m in modules.items():
-        D = result.deltas[n].T if type(m).__name__ == "Conv1D" else result.deltas[n]
+        D = (result.deltas[n].T if type(m).__name__ == "Conv1D" else result.deltas[n]).detach()
         worst = max(worst, float((D - projectors[n].project(D)).detach().norm() / D.norm()))
     return worst
 
