@@ -453,7 +453,9 @@ def run_edit(o: EditOptions, given: set) -> int:
         elif corpus:
             stats = collect(model, modules, corpus, labels=o.labels, seed=o.seed, progress=o.progress)
             _log(f"curvature: {stats.meta['tokens']:,} tokens of {len(corpus)} documents in {stats.meta['time_s']:.1f} s")
-        session = EditSession.start(model, tok, modules, method_options(o), stats, corpus, protect, o.progress)
+        cache = o.ledger or (str(Path(o.curvature) if Path(o.curvature).is_dir() else Path(o.curvature).parent)
+                             if o.curvature else None)
+        session = EditSession.start(model, tok, modules, method_options(o), stats, corpus, protect, o.progress, cache)
         if o.ledger:
             ledger.save(session, o.ledger, o.model, o.snapshot_every)
     # 5. what the edit is scored against, measured once on the base

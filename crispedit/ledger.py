@@ -365,7 +365,7 @@ def load(directory: str | Path, model: nn.Module, tokenizer, modules: dict[str, 
     base_sources = {s: _sums_from(base, f"sums.{s}", names, t) for s, t in info["base"]["sources"].items()}
     protect = {name: _documents_from(base, f"protect:{name}") for name in info.get("protect", [])}
     session = EditSession(model, tokenizer, modules, options_of(info), base_sources, _documents_from(base, "capability"),
-                          protect, info.get("capability"), progress)
+                          protect, info.get("capability"), progress, eigen_cache=str(directory))
     if session.base_hash != info["base_weights_sha256"]:
         raise LedgerError(_where(directory, "the base weights do not hash to the ledger's (another checkpoint?)"))
     if chunk == 0:

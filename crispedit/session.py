@@ -125,6 +125,7 @@ class EditSession:
         protect_documents: dict[str, Sequence[Sequence[int]]] | None = None,
         capability_meta: dict | None = None,
         progress: bool = False,
+        eigen_cache: str | None = None,
     ):
         self.model, self.tokenizer, self.modules, self.options, self.progress = model, tokenizer, modules, options, progress
         o = options
@@ -143,7 +144,7 @@ class EditSession:
         self.base_sources = dict(base_sources)  # the protected sources at the base weights
         self.sources: dict[str, Sums] = dict(self.base_sources)
         cap = self.base_capability
-        self.cap_eig = self._eigen(self._factors(cap)) if cap is not None else None
+        self.cap_eig = self._eigen(self._factors(cap), eigen_cache) if cap is not None else None
         self.state = EditOptimizer(modules, o.optimizer, o.lr) if o.method not in CLOSED_FORM_METHODS else None
         self.budget = None
         if o.budget is not None:
@@ -175,16 +176,18 @@ class EditSession:
         capability_documents: Sequence[Sequence[int]] = (),
         protect: dict[str, Sequence[Sequence[int]]] | None = None,
         progress: bool = False,
+        eigen_cache: str | None = None,
     ) -> "EditSession":
         """A new history from ``model``'s current weights: capability statistics (``collect`` or a
         curvature file), the corpus they came from (for refresh and ``mix``), and protect-sets
-        (name -> documents), whose statistics are taken here."""
+        (name -> documents), whose statistics are taken here. ``eigen_cache``: a directory for the
+        capability eigendecompositions (the statistics' own, keyed by their hash)."""
         options = options or MethodOptions()
         base_sources = {CAPABILITY: Sums.of(capability)} if capability is not None else {}
         for name, docs in (protect or {}).items():
             base_sources[f"protect:{name}"] = _collect_sums(model, modules, docs, options)
         return cls(model, tokenizer, modules, options, base_sources, capability_documents, protect,
-                   capability.meta if capability is not None else None, progress)
+                   capability.meta if capability is not None else None, progress, eigen_cache)
 
     # -----------------------------------------------------------------------------------------
     # statistics and projectors
@@ -209,8 +212,10 @@ class EditSession:
             G[n] = sum(self._weight(s) * v.G[n] for s, v in sources.items()) / N
         return KFACStatistics(A, G, {n: int(N) for n in self.modules}, {})
 
-    def _eigen(self, stats: KFACStatistics) -> dict[str, tuple[Eigen, Eigen]]:
-        return eigenbases(stats, {n: m.weight.device for n, m in self.modules.items()})
+    def _eigen(self, stats: KFACStatistics, cache=None) -> dict[str, tuple[Eigen, Eigen]]:
+        """Eigenbases on each matrix's device, eigenvectors in the masters' precision."""
+        dtype = master_dtype(next(iter(self.modules.values())).weight.dtype)
+        return eigenbases(stats, {n: m.weight.device for n, m in self.modules.items()}, dtype, cache)
 
     @staticmethod
     def _factors(sums: Sums) -> KFACStatistics:
