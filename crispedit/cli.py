@@ -121,6 +121,10 @@ def options_from_args(cls, args: argparse.Namespace):
 
 
 def _setup_runtime(options) -> None:
+    if getattr(options, "device", None):  # an unknown or absent device is named before any file is read
+        from .model import resolve_device
+
+        resolve_device(options.device)
     if getattr(options, "threads", None):
         import torch
 
@@ -165,6 +169,29 @@ def _check_layers(layers: str | None, config, option: str = "--layers") -> None:
         raise UsageError(f"{option}: block {bad[0]} does not exist; the model has blocks 0..{n - 1}")
 
 
+def _check_modules(config, layers, module: str | None, stats=None, source: str | None = None) -> None:
+    """The modules to edit, found on a weightless (meta-device) copy of the model built from its
+    configuration: an unknown architecture or module, and statistics of other layers or shapes, are
+    named before the weights load. ``layers`` None: the modules of ``stats``."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from .curvature import check_matches
+    from .layers import find_modules, modules_by_name, parse_layers
+
+    try:
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config)
+    except Exception:  # an architecture transformers cannot build from its configuration alone: checked after loading
+        return
+    if layers is None:
+        modules = modules_by_name(skeleton, stats.names, source)
+    else:
+        modules = find_modules(skeleton, parse_layers(layers), module)
+    if stats is not None:
+        check_matches(stats, modules, source)
+
+
 # ---------------------------------------------------------------------------------------------
 # curvature, inspect, merge
 
@@ -189,8 +216,14 @@ def run_curvature(o: CurvatureOptions, given: set) -> int:
     ctx_len = context_length(config)
     o = _fit_max_length(o, given, ctx_len)
     _check_layers(o.layers, config)
+    _check_modules(config, o.layers, o.module)
     tokenizer = load_tokenizer(o.model)
     docs = read_documents(o.corpus, tokenizer, o.max_length, o.unit, o.max_documents, o.max_tokens)
+    if o.labels == "exact":  # V backward passes per labelled token: refused before the model loads
+        n, vocab = sum(len(d) - 1 for d in docs), getattr(config, "vocab_size", None) or 0
+        if vocab * n > o.exact_limit:
+            raise UsageError(f"--labels exact needs V × N = {vocab} × {n} = {vocab * n:,} backward passes, over the "
+                             f"--exact-limit of {o.exact_limit:,}; use --labels sampled or fewer tokens")
     ctx = init_from_env(o.device)  # None unless torchrun started more than one process
     try:
         model, tokenizer = load_model(o.model, ctx.device if ctx else o.device, o.dtype, tokenizer=tokenizer)
@@ -242,18 +275,35 @@ def run_inspect(o: InspectOptions, given: set) -> int:
     return 0
 
 
+def _load_statistics(path: str, option: str):
+    """``curvature.load`` with the option the file came from named in its errors."""
+    from .curvature import StatisticsError, load
+
+    try:
+        return load(path)
+    except StatisticsError as e:
+        message = str(e)
+        if message.startswith("--curvature"):
+            raise StatisticsError(option + message.removeprefix("--curvature")) from None
+        raise StatisticsError(f"{option} {path}: {message}") from None
+
+
 def run_merge(o: MergeOptions, given: set) -> int:
-    from .curvature import load, merge, save
+    from .curvature import StatisticsError, merge, save
     from .saving import check_out
 
     _check_inputs(inputs=o.inputs)
     resolved = [Path(p).expanduser().resolve() for p in o.inputs]
     if len(set(resolved)) < len(resolved):
-        raise UsageError("--inputs: the same file is given twice")
+        twice = next(p for p, r in zip(o.inputs, resolved) if resolved.count(r) > 1)
+        raise UsageError(f"--inputs {twice}: the same file is given twice")
     check_out(o.out, True, {"--inputs": o.inputs})
-    stats = load(o.inputs[0])
+    stats = _load_statistics(o.inputs[0], "--inputs")
     for p in o.inputs[1:]:
-        stats = merge(stats, load(p), o.allow_mixed_labels)
+        try:
+            stats = merge(stats, _load_statistics(p, "--inputs"), o.allow_mixed_labels)
+        except StatisticsError as e:
+            raise UsageError(f"--inputs {p}: {e}" if not str(e).startswith("--inputs") else str(e)) from None
     path = save(stats, o.out, overwrite=o.overwrite)
     print(f"merged {len(o.inputs)} files ({stats.meta['tokens']:,} tokens) -> {path}")
     return 0
@@ -284,7 +334,8 @@ def print_report(before: dict, after: dict, drift: dict | None = None) -> None:
               f"({cap['corpus_documents']} documents, {cap['corpus_tokens']:,} tokens)")
     if "known_facts_accuracy" in cap:
         if cap["known_facts_count"] == 0:
-            print(f"known unedited facts: the base model answers none of the {cap['known_facts_offered']} offered")
+            print(f"known unedited facts: the base model answers none of the {cap['known_facts_offered']} offered "
+                  f"(generation, scored on each record's {cap['known_facts_answer_field']})")
         else:
             print(f"known unedited facts: {before['capability']['known_facts_accuracy']:.3f} -> "
                   f"{cap['known_facts_accuracy']:.3f} (generation, scored on each record's {cap['known_facts_answer_field']}; "
@@ -308,12 +359,24 @@ def _check_method_options(o: EditOptions, given: set) -> None:
         raise UsageError("--mix-sample applies to --protect-edits mix only")
 
 
+def _read_ledger(path: str) -> dict:
+    """``ledger.read``, and the files its current state needs are there (a copy in part, a deleted
+    state file: refused before anything loads or changes)."""
+    from . import ledger
+
+    info = ledger.read(path)
+    for name in (ledger.BASE, info["current"]["state"], info["current"]["requests"]):
+        if not (Path(path) / name).is_file():
+            raise ledger.LedgerError(f"ledger {path}: {name} is missing (corrupted, or copied in part)")
+    return info
+
+
 def _resume_options(o: EditOptions, given: set):
     """The options of a resumed ledger: the ledger's method options, unless given the same; a
     contradiction is an error. Returns the options and the ledger's JSON."""
     from . import ledger
 
-    info = ledger.read(o.resume)
+    info = _read_ledger(o.resume)
     recorded = ledger.options_of(info)
     for f in dataclasses.fields(MethodOptions):
         if f.name in given and getattr(o, f.name) != getattr(recorded, f.name):
@@ -375,7 +438,7 @@ def run_edit(o: EditOptions, given: set) -> int:
     from .history import HistoryProbe
     from .layers import find_modules, parse_layers
     from .model import context_length, load_config, load_model, load_tokenizer
-    from .requests import read_request_files, read_requests, select
+    from .requests import check_subjects, read_request_files, read_requests, select
     from .saving import check_out, file_hash, save_edit
     from .session import EditSession
 
@@ -406,6 +469,9 @@ def run_edit(o: EditOptions, given: set) -> int:
         check_out(o.resume, True, {k: v for k, v in inputs.items() if k != "--resume"}, option="--resume")
     # 3. the model's configuration and tokenizer, and everything read with them
     config = load_config(o.model)
+    if info is not None and getattr(config, "model_type", None) != info.get("model_type"):
+        raise UsageError(f"ledger {o.resume}: made on a {info.get('model_type')} model; --model {o.model} is a "
+                         f"{getattr(config, 'model_type', None)} model")
     ctx_len = context_length(config)
     o = _fit_max_length(o, given, ctx_len)
     if o.layers is not None:
@@ -414,6 +480,8 @@ def run_edit(o: EditOptions, given: set) -> int:
     files = read_request_files(o.requests, o.format, tok, ctx_len)
     flat = select([r for f in files for r in f], o.case_ids, o.max_requests)
     keep = {id(r) for r in flat}
+    if o.method in CLOSED_FORM_METHODS:
+        check_subjects(o.requests, files, o.method, keep)
     files = [[r for r in f if id(r) in keep] for f in files]
     if o.shuffle is not None:
         files = [random.Random(f"{o.shuffle}-{i}").sample(f, len(f)) for i, f in enumerate(files)]
@@ -426,6 +494,8 @@ def run_edit(o: EditOptions, given: set) -> int:
     protect = _protect_sets(o.protect, tok, o.max_length, o.unit) if o.protect else {}
     stats = load(o.curvature) if o.curvature else None
     layers = o.layers if o.layers is not None else ("auto" if stats is None else None)
+    if info is None:
+        _check_modules(config, layers, o.module, stats, f"--curvature {o.curvature}")
     # 4. the weights
     model, tok = load_model(o.model, o.device, o.dtype, tokenizer=tok)
     if info is not None:
@@ -605,14 +675,17 @@ def _lm_eval(o: EvaluateOptions, model, tok, base_weights=None, base_model=None)
 
 def _run_delta(o: DeltaOptions, given: set, sign: int) -> int:
     from .model import load_model
-    from .saving import apply_delta, check_out, read_delta, save_model
+    from .saving import SaveError, apply_delta, check_out, read_delta, save_model
 
     _check_inputs(delta=o.delta)
     deltas, manifest = read_delta(o.delta)
     out = check_out(o.out, o.overwrite, {"--model": o.model, "--delta": o.delta})
     dtype = o.dtype if "dtype" in given else manifest.get("model_dtype", o.dtype)
     model, tok = load_model(o.model, o.device, dtype)
-    apply_delta(model, deltas, manifest, sign)
+    try:
+        apply_delta(model, deltas, manifest, sign)
+    except SaveError as e:
+        raise SaveError(f"--model {o.model} (with --delta {o.delta}): {e}") from None
     save_model(model, tok, out, o.overwrite, {"command": "apply-delta" if sign > 0 else "revert", "delta": str(o.delta),
                                                 "delta_manifest": {k: manifest.get(k) for k in ("base_model", "edited_weights_sha256",
                                                                                                   "base_weights_sha256")}})
@@ -640,7 +713,7 @@ def _revert_ledger(o: RevertOptions, given: set) -> int:
     for name in ("delta", "out"):
         if getattr(o, name) is not None:
             raise UsageError(f"{flag(name)} does not apply to a ledger; `crispedit apply-delta --delta {o.ledger}` makes its model")
-    info = ledger.read(o.ledger)
+    info = _read_ledger(o.ledger)
     n = len(info["chunks"])
     if not 0 <= o.to <= n:
         raise UsageError(f"--to {o.to}: the ledger {o.ledger} has chunks 0..{n}")
@@ -670,9 +743,7 @@ def _revert_ledger(o: RevertOptions, given: set) -> int:
 
 
 def run_log(o: LogOptions, given: set) -> int:
-    from . import ledger
-
-    info = ledger.read(o.ledger)
+    info = _read_ledger(o.ledger)
     if o.json:
         print(json.dumps(info["chunks"], indent=1, default=str))
         return 0

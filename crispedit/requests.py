@@ -81,7 +81,7 @@ def _load_records(path: Path, option: str = "--requests") -> list:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
-            raise RequestError(f"--requests {path}: not valid JSON (line {e.lineno}: {e.msg})") from None
+            raise RequestError(f"{option} {path}: not valid JSON (line {e.lineno}: {e.msg})") from None
         return data
     records = []
     for n, line in enumerate(text.splitlines(), 1):
@@ -89,9 +89,9 @@ def _load_records(path: Path, option: str = "--requests") -> list:
             try:
                 records.append(json.loads(line))
             except json.JSONDecodeError as e:
-                raise RequestError(f"--requests {path}, line {n}: not valid JSON ({e.msg})") from None
+                raise RequestError(f"{option} {path}, line {n}: not valid JSON ({e.msg})") from None
     if not records:
-        raise RequestError(f"--requests {path}: no records")
+        raise RequestError(f"{option} {path}: no records")
     return records
 
 
@@ -210,9 +210,11 @@ def _check_fields(rec: dict, fmt: str, where: str) -> None:
     for key in rec:
         if key in known or key in IGNORED[fmt]:
             continue
-        close = difflib.get_close_matches(key, [k for f in FIELDS.values() for k in f], n=1, cutoff=0.75)
-        if close or fmt == "jsonl":
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
+        own = difflib.get_close_matches(key, known, n=1, cutoff=0.75)
+        other = [f for f, names in FIELDS.items() if key in names]
+        near = difflib.get_close_matches(key, [k for f in FIELDS.values() for k in f], n=1, cutoff=0.75)
+        if own or other or near or fmt == "jsonl":
+            hint = f" (did you mean {own[0]!r}?)" if own else f" (a field of the {other[0]} format)" if other else ""
             raise RequestError(f"{where}: field {key!r} is not read by the {fmt} format{hint}; "
                                f"it reads {', '.join(known)}")
 
@@ -250,6 +252,20 @@ def read_request_files(paths, fmt: str = "auto", tokenizer=None, max_length: int
     files = [read_requests(p, fmt, tokenizer, max_length) for p in paths]
     check_unique([r for f in files for r in f], ", ".join(map(str, paths)))
     return files
+
+
+def check_subjects(paths, files: list[list[EditRequest]], method: str, keep: set[int] | None = None) -> None:
+    """Closed-form editors read each request's key at the last token of its subject: every request
+    (of those whose ``id`` is in ``keep``) needs a subject that occurs in its prompt."""
+    for path, requests in zip(paths, files):
+        for i, r in enumerate(requests):
+            if keep is not None and id(r) not in keep:
+                continue
+            where = f"{path}: record {i}" + (f" (case_id {r.case_id})" if r.case_id is not None else "")
+            if not r.subject or not r.subject.strip():
+                raise RequestError(f"{where}: field 'subject': missing; --method {method} reads the key at the subject's last token")
+            if r.subject not in r.prompt:
+                raise RequestError(f"{where}: field 'subject': {r.subject!r} is not in the prompt {r.prompt!r} (--method {method})")
 
 
 def check_tokens(req: EditRequest, tokenizer, max_length: int | None, where: str) -> None:

@@ -92,7 +92,8 @@ def check_out(out: str | Path, overwrite: bool = False, inputs: dict[str, object
     if not os.access(existing, os.W_OK | os.X_OK):
         raise SaveError(f"{option} {out}: {existing} is not writable")
     if out.exists() and any(out.iterdir()) and not overwrite:
-        raise SaveError(f"{option} {out}: exists and is not empty; pass --overwrite to replace what crispedit wrote there")
+        hint = "pass --overwrite to replace what crispedit wrote there" if option == "--out" else "give a new or empty directory"
+        raise SaveError(f"{option} {out}: exists and is not empty; {hint}")
     return out
 
 
@@ -126,6 +127,15 @@ def _default_mode(path: Path) -> None:
     path.chmod(0o777 & ~umask)
 
 
+def _default_modes(directory: Path) -> None:
+    """Every file and directory under ``directory`` as a normal ``open``/``mkdir`` would make them
+    (some writers go through ``mkstemp``, whose files are 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for p in directory.rglob("*"):
+        p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
+
+
 def _previous_files(out: Path) -> list[str]:
     """The files an earlier crispedit command listed in ``out/manifest.json`` (nothing else is ours)."""
     try:
@@ -154,6 +164,20 @@ def _commit(tmp: Path, out: Path) -> None:
             shutil.rmtree(target)
         os.replace(tmp / name, target)
     tmp.rmdir()
+
+
+def refuse_foreign(tmp: Path, out: Path) -> None:
+    """Before a commit into an existing ``out``: a file there of a name the command wrote in ``tmp``
+    that no earlier crispedit run listed in its manifest is the user's, and is refused (``--overwrite``
+    replaces only what crispedit wrote)."""
+    if not out.exists():
+        return
+    previous = set(_previous_files(out))
+    theirs = sorted(p.name for p in tmp.iterdir() if (out / p.name).exists() and p.name not in previous)
+    if theirs:
+        one = len(theirs) == 1
+        raise SaveError(f"--out {out}: {', '.join(theirs)} there {'was' if one else 'were'} not written by crispedit (not "
+                        f"in its manifest.json); move {'it' if one else 'them'} or choose another --out; nothing was written")
 
 
 def write_json(obj, path: str | Path) -> None:
@@ -188,10 +212,14 @@ class TempDir:
     def __exit__(self, kind, exc, tb) -> bool:
         if kind is None:
             try:
+                _default_modes(self.tmp)
                 _commit(self.tmp, self.out)
             except OSError as e:
                 shutil.rmtree(self.tmp, ignore_errors=True)
                 raise SaveError(f"--out {self.out}: could not write ({e.strerror or e})") from None
+            except SaveError:
+                shutil.rmtree(self.tmp, ignore_errors=True)
+                raise
             return False
         shutil.rmtree(self.tmp, ignore_errors=True)
         if isinstance(exc, OSError):
@@ -217,6 +245,7 @@ def save_model(model: nn.Module, tokenizer, out: str | Path, overwrite: bool = F
     with TempDir(out) as tmp:
         _write_model(model, tokenizer, tmp)
         _write_manifest(tmp, {"version": __version__, **(manifest or {})})
+        refuse_foreign(tmp, out)
     return out
 
 
@@ -252,6 +281,7 @@ def save_edit(model: nn.Module, tokenizer, modules: dict[str, nn.Module], deltas
         for name, obj in (extra or {}).items():
             (tmp / name).write_text(json.dumps(obj, indent=2, default=str) + "\n")
         _write_manifest(tmp, edit_manifest(modules, deltas, {**manifest, "delta_only": delta_only}))
+        refuse_foreign(tmp, out)
     return out
 
 

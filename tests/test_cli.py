@@ -1,4 +1,4 @@
-"""The command line: curvature, inspect, merge-curvature, demo; config files; one-line errors."""
+"""The command line: curvature, inspect, merge-curvature, edit, apply-delta, revert, evaluate; config files (bad input: test_contract.py)."""
 
 from __future__ import annotations
 
@@ -88,40 +88,6 @@ def test_inspect_reports_each_gamma(tiny, tmp_path, capsys):
     assert code == 2 and "gamma must lie in [0, 1)" in err
 
 
-@pytest.mark.parametrize(
-    "args, message",
-    [
-        (["--model", "./missing-model"], "--model ./missing-model: no such directory"),
-        (["--layers", "9"], "block 9 does not exist"),
-        (["--module", "mlp.gate"], "candidates:"),
-        (["--corpus", "nowhere.txt"], "--corpus nowhere.txt: no such file"),
-        (["--labels", "exact", "--exact-limit", "10"], "over the limit"),
-    ],
-)
-def test_bad_input_is_one_line_and_writes_nothing(tiny, tmp_path, capsys, args, message):
-    base = {"--model": tiny / "model", "--corpus": tiny / "a.txt", "--out": tmp_path / "out"}
-    argv = ["curvature", "--no-progress"]
-    for k, v in base.items():
-        if k not in args:
-            argv += [k, v]
-    code, _, err = _run(capsys, *argv, *args)
-    assert code == 2
-    assert message in err and "Traceback" not in err
-    assert not (tmp_path / "out").exists()
-
-
-def test_malformed_and_empty_corpora(tiny, tmp_path, capsys):
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"text": "fine"}\n{"txt": "oops"}\n')
-    code, _, err = _run(capsys, "curvature", "--model", tiny / "model", "--corpus", bad, "--out", tmp_path / "o", "--no-progress")
-    assert code == 2 and f"{bad}, line 2: field 'text' missing" in err
-    empty = tmp_path / "empty.txt"
-    empty.write_text("\n\n")
-    code, _, err = _run(capsys, "curvature", "--model", tiny / "model", "--corpus", empty, "--out", tmp_path / "o", "--no-progress")
-    assert code == 2 and "no document with at least two tokens" in err
-    assert not (tmp_path / "o").exists()
-
-
 def test_existing_output_is_not_overwritten(tiny, tmp_path, capsys):
     argv = ["curvature", "--model", tiny / "model", "--corpus", tiny / "a.txt", "--layers", "0", "--out", tmp_path, "--no-progress"]
     assert _run(capsys, *argv)[0] == 0
@@ -192,39 +158,3 @@ def test_edit_then_apply_delta_and_revert(tiny, tmp_path, requests_file, capsys)
     code, stdout, _ = _run(capsys, "evaluate", "--model", out, "--base", tiny / "model", "--requests", requests_file,
                            "--heldout", tiny / "b.jsonl", "--out", tmp_path / "eval.json")
     assert code == 0 and json.loads((tmp_path / "eval.json").read_text())["after"]["metrics"]
-
-
-EDIT_ERRORS = {  # overrides of the base options (None: leave the option out) -> the one-line reason
-    "gamma out of range": ({"--gamma": "1.2"}, "gamma must lie in [0, 1)"),
-    "unknown method": ({"--method": "rome"}, "invalid choice"),
-    "curvature of other layers": ({"--layers": "0"}, "no statistics for model.layers.0.mlp.down_proj"),
-    "malformed requests": ({"--requests": "BAD"}, "bad.jsonl: record 1 (case_id 1): field 'target_new': empty"),
-    "no curvature": ({"--curvature": None}, "give --curvature"),
-}
-
-
-@pytest.mark.parametrize("case", EDIT_ERRORS)
-def test_edit_bad_input(tiny, tmp_path, requests_file, capsys, case):
-    overrides, message = EDIT_ERRORS[case]
-    curv = tmp_path / "curv"
-    _run(capsys, "curvature", "--model", tiny / "model", "--corpus", tiny / "a.txt", "--layers", "1", "--out", curv, "--no-progress")
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text(json.dumps(REQUESTS[0]) + "\n" + json.dumps({**REQUESTS[1], "target_new": ""}) + "\n")
-    options = {"--model": tiny / "model", "--requests": requests_file, "--curvature": curv, "--layers": "1", "--out": tmp_path / "o"}
-    options.update({k: bad if v == "BAD" else v for k, v in overrides.items()})
-    argv = ["edit", "--no-progress"] + [x for k, v in options.items() if v is not None for x in (k, v)]
-    try:
-        code, _, err = _run(capsys, *argv)
-    except SystemExit as e:  # argparse rejects an unknown choice itself, with status 2
-        code, err = e.code, capsys.readouterr().err
-    assert code == 2 and message in err and "Traceback" not in err
-    assert not (tmp_path / "o").exists()
-
-
-def test_edit_refuses_to_overwrite(tiny, tmp_path, requests_file, capsys):
-    (tmp_path / "o").mkdir()
-    (tmp_path / "o" / "precious.txt").write_text("keep me")
-    code, _, err = _run(capsys, "edit", "--model", tiny / "model", "--requests", requests_file, "--corpus", tiny / "a.txt",
-                        "--out", tmp_path / "o")
-    assert code == 2 and "not empty" in err
-    assert (tmp_path / "o" / "precious.txt").read_text() == "keep me"
