@@ -30,7 +30,8 @@ from common import reset_peak, timed, vm, write_results  # noqa: E402
 from crispedit import __version__  # noqa: E402
 from crispedit.curvature import collect  # noqa: E402
 from crispedit.demo import CURVATURE_DOCS, MODEL_DIR, demo_requests  # noqa: E402
-from crispedit.editor import build_projectors, edit, eigenbases  # noqa: E402
+from crispedit.options import MethodOptions  # noqa: E402
+from crispedit.session import EditSession  # noqa: E402
 from crispedit.layers import find_modules  # noqa: E402
 from crispedit.model import load_model  # noqa: E402
 from crispedit.world import build_world  # noqa: E402
@@ -53,19 +54,18 @@ def main() -> None:
     rss0 = reset_peak()
     stats_wall, stats_cpu, stats = timed(lambda: collect(model, modules, corpus, labels="sampled"))
     stats_peak = vm("VmHWM") - rss0
-    eig = eigenbases(stats)
-    base = {n: m.weight.detach().clone() for n, m in modules.items()}
     times: dict[str, list] = {"crispedit": [], "ft": []}
     steps = {}
     for _ in range(a.reps):
         for method in ("crispedit", "ft"):
-            P = build_projectors(eig, method, 0.8)
-            w, c, result = timed(lambda: edit(model, tok, requests, modules, P, epochs=a.epochs, loss_threshold=0.0))
+            options = MethodOptions(method=method, gamma=0.8 if method == "crispedit" else None, epochs=a.epochs,
+                                    loss_threshold=0.0)
+            session = EditSession.start(model, tok, modules, options, stats)
+            session.rebuild()  # the eigendecompositions, once per session: not part of the timed editing
+            w, c, record = timed(lambda: session.edit(requests))
             times[method].append((w, c))
-            steps[method] = result.steps
-            with torch.no_grad():
-                for n, m in modules.items():
-                    m.weight.copy_(base[n])
+            steps[method] = record["steps"]
+            session.restore_base()
     assert steps["crispedit"] == steps["ft"]
     best = {m: (min(t[0] for t in v), min(t[1] for t in v)) for m, v in times.items()}
 

@@ -35,11 +35,12 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from common import write_results  # noqa: E402
 from crispedit import __version__  # noqa: E402
 from crispedit.curvature import collect  # noqa: E402
-from crispedit.editor import build_projectors, drift_report, edit, eigenbases  # noqa: E402
 from crispedit.evaluate import generate, measure, metric, prepare_reference  # noqa: E402
 from crispedit.layers import find_modules  # noqa: E402
 from crispedit.model import load_model  # noqa: E402
+from crispedit.options import MethodOptions  # noqa: E402
 from crispedit.requests import EditRequest  # noqa: E402
+from crispedit.session import EditSession  # noqa: E402
 
 NOUNS = ["girl", "boy", "cat", "dog", "bird", "bunny", "bear", "fish", "frog", "mouse", "duck", "lion", "puppy",
          "kitten", "owl", "fox", "pig", "horse", "cow", "sheep", "monkey", "elephant", "turtle", "squirrel",
@@ -109,33 +110,29 @@ def stories_benchmark(seed: int = 0, lrs: tuple[float, ...] = (5e-4, 2e-3)) -> d
     curvature_docs, heldout = stories[: SAMPLES // 2], stories[SAMPLES // 2 :]
     known = [EditRequest(r.locality[0][0], r.locality[0][1], case_id=r.case_id) for r in requests]
     stats = collect(model, modules, curvature_docs, labels="sampled", seed=seed)
-    eig = eigenbases(stats)
-    ref = prepare_reference(model, tok, requests, "raw", heldout, curvature_docs, known, modules=modules)
-    base = {n: m.weight.detach().clone() for n, m in modules.items()}
+    ref = prepare_reference(model, tok, requests, "raw", heldout, curvature_docs, known)
     rows = []
     for lr in lrs:
-        for method, gamma in [("ft", 0.0), ("crispedit", 0.8), ("nullspace", 0.8), ("crispedit", 0.9), ("crispedit", 0.95)]:
-            P = build_projectors(eig, method, gamma)
+        for method, gamma in [("ft", None), ("crispedit", 0.8), ("nullspace", 0.8), ("crispedit", 0.9), ("crispedit", 0.95)]:
             t0 = time.perf_counter()
-            result = edit(model, tok, requests, modules, P, lr=lr, seed=seed)
-            drift = drift_report(result.deltas, modules, eig, P)
+            session = EditSession.start(model, tok, modules, MethodOptions(method=method, gamma=gamma, lr=lr, seed=seed), stats)
+            record = session.edit(requests)
+            ref.base_weights = session.base
             after = measure(model, tok, ref)
-            cap = after["capability"]
-            rows.append({"method": method, "gamma": gamma, "lr": lr, "steps": result.steps, "epochs": result.epochs,
+            session.restore_base()
+            cap, drift = after["capability"], record["drift"]["total"]
+            rows.append({"method": method, "gamma": gamma or 0.0, "lr": lr, "steps": record["steps"], "epochs": record["epochs"],
                          "edit_seconds": time.perf_counter() - t0,
                          **{f"{m}/{p}": metric(after, m, p) for m in ("reliability", "generalization", "locality_agreement", "locality_accuracy")
                             for p in ("generation", "teacher_forced")},
                          "heldout_perplexity_change": cap["heldout_perplexity_change"], "heldout_kl": cap["heldout_kl"],
-                         "corpus_kl": cap["corpus_kl"], "predicted_kl": drift["total"]["predicted_kl"],
-                         "known_facts_accuracy": cap["known_facts_accuracy"], "relative_change": drift["total"]["relative_change"]})
+                         "corpus_kl": cap["corpus_kl"], "predicted_kl": drift["predicted_kl"],
+                         "known_facts_accuracy": cap["known_facts_accuracy"], "relative_change": drift["relative_change"]})
             r = rows[-1]
-            print(f"lr {lr:g} {method:>9} {gamma:4.2f}: reliability {r['reliability/generation']:.3f} "
+            print(f"lr {lr:g} {method:>9} {r['gamma']:4.2f}: reliability {r['reliability/generation']:.3f} "
                   f"rephrase {r['generalization/generation']:.3f} locality {r['locality_agreement/generation']:.3f} "
                   f"known {r['known_facts_accuracy']:.3f} KL {r['heldout_kl']:.4f} (pred. {r['predicted_kl']:.4f}) "
                   f"ppl {r['heldout_perplexity_change']:+.2%} steps {r['steps']}", flush=True)
-            with torch.no_grad():
-                for n, m in modules.items():
-                    m.weight.copy_(base[n])
     return {
         "version": __version__, "model": "stories260K", "model_sha256": hashlib.sha256((MODEL / "model.safetensors").read_bytes()).hexdigest(),
         "seed": seed, "threads": torch.get_num_threads(), "layers": list(modules), "frames": frames, "requests": len(requests),

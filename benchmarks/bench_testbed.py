@@ -1,23 +1,30 @@
-"""CrispEdit against its baselines on the CounterFact/WikiText testbed (issue 4, §2), and on
-stories260K (§3, from ``bench_stories``), into one results file.
+"""CrispEdit against fine-tuning, the input-covariance null space, MEMIT and AlphaEdit on the
+CounterFact/WikiText testbed, in one batch and chunk after chunk; and on stories260K.
 
-    python benchmarks/build_testbed.py              # once: ~/.cache/crispedit/testbeds/...
-    python benchmarks/bench_testbed.py [--testbed DIR]
+    python benchmarks/build_testbed.py                  # once: ~/.cache/crispedit/testbeds/...
+    python benchmarks/bench_testbed.py [--testbed DIR] [--only batch|sequential|weights|stories]
 
-Grid, 1,000 edits in one batch: CrispEdit with sampled labels, CrispEdit with empirical labels and
-``nullspace`` at gamma 0.5/0.8/0.9/0.95/0.99, ``ft``, and CrispEdit (sampled) with
-``adam-projected-step`` at 0.8; at 3,000 edits CrispEdit at 0.8 and ft (at every known prompt
-when the testbed knows fewer than 3,000 but at least 2,000; none below). ``--diagnostics`` adds
-CrispEdit at 0.8 and 0.9 with curvature from the WikiText documents plus 1,000 fact sentences
-that are neither edited nor counted among the known unedited facts. Every run uses the SPEC §1.6
-schedule (Adam lr 5e-4 unless ``--lr``, batch 32, up to 25 epochs, the same early stopping). The
-edited requests are edit-pool records whose prompt the base model answers correctly by greedy
-generation, in file order; the known unedited facts are the unedited pool's prompts and
-rephrases that the base answers correctly.
+Every run goes through ``crispedit.session.EditSession`` (the pipeline of ``crispedit edit``).
 
-Each run is cached under ``--cache`` by (testbed hash, method, labels, gamma, n, optimizer, lr,
-seed), with its per-request rows, so an interrupted benchmark resumes. The committed results file
-holds aggregates only (metrics, configuration, seeds, timings, version, input hashes).
+Batch grid (``--only batch``), 1,000 edits in one batch: ``ft``; CrispEdit (sampled labels) at gamma
+0.5/0.8/0.9/0.95/0.99 and with ``adam-projected-step`` at 0.8; ``nullspace`` at 0.8/0.9; MEMIT and
+AlphaEdit on all four blocks (the blocks CrispEdit edits) and on blocks 0-1 (the papers edit early-
+middle blocks, 4-8 of LLaMA-3-8B's 32); at 3,000 edits CrispEdit at 0.8 and ``ft``.
+
+Sequential grid (``--only sequential``): 3,000 edits (every known edit-pool prompt if fewer) in chunks
+of 100, file order, the same seed: CrispEdit (``merge``, the default edit weight), CrispEdit with the
+authors' ``mix`` variant, CrispEdit with ``--refresh-drift 0.25``, CrispEdit with a budget, ``ft``
+with the same budget only, ``ft``, ``nullspace`` (earlier edits join the protected input
+covariance), MEMIT and AlphaEdit (AlphaEdit carries the keys of earlier edits). After every
+``--eval-every`` chunks: generation reliability on a fixed sample of the edits so far and on the
+first chunk, rephrases, known unedited facts, held-out KL and its K-FAC prediction; after the last
+chunk the full evaluation of the batch rows. Each run keeps a ledger in the cache and resumes from it.
+
+``--only weights``: the choice of the default ``--edit-weight`` (CrispEdit sequential at 1,000 edits in
+chunks of 100 with several weights).
+
+Each run is cached under ``--cache`` by (testbed hash, its spec, version), with its per-request rows,
+so an interrupted benchmark resumes. The committed results file holds aggregates only.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import resource
 import sys
 import time
 from pathlib import Path
@@ -36,20 +44,29 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from common import write_results  # noqa: E402
-from crispedit import __version__  # noqa: E402
+from crispedit import __version__, ledger  # noqa: E402
 from crispedit.corpus import read_documents  # noqa: E402
 from crispedit.curvature import collect, load, save  # noqa: E402
-from crispedit.editor import build_projectors, drift_report, edit, eigenbases  # noqa: E402
 from crispedit.evaluate import known_facts_filter, measure, metric, prepare_reference  # noqa: E402
+from crispedit.history import HistoryProbe  # noqa: E402
 from crispedit.layers import find_modules  # noqa: E402
 from crispedit.model import load_model  # noqa: E402
-from crispedit.requests import EditRequest, edit_text, read_requests  # noqa: E402
+from crispedit.options import MethodOptions  # noqa: E402
+from crispedit.requests import EditRequest, read_requests  # noqa: E402
+from crispedit.session import EditSession  # noqa: E402
 
 SHARED_TESTBEDS = ROOT.parent / "shared" / "testbeds"
 CACHE = Path.home() / ".cache" / "crispedit"
 GAMMAS = (0.5, 0.8, 0.9, 0.95, 0.99)
 HELDOUT_DOCS = 200
 METRICS = ("reliability", "generalization", "locality_agreement", "locality_accuracy")
+CHUNK = 100
+BUDGET = 0.02  # nats/token of predicted capability drift for the budget rows (about half of what CrispEdit γ 0.8 predicts at 3,000 edits)
+EDIT_WEIGHTS = (1.0, 10.0, 100.0)
+DEFAULT_EDIT_WEIGHT = MethodOptions().edit_weight
+WIDTH_8B = 14336  # MEMIT's λ = 15,000 is matched to LLaMA-3-8B's d_in; scaled by d_in / 14,336 here
+# AlphaEdit's null space: eigenvalues of C below this fraction of the largest (2e-2 absolute is LLaMA-3's scale)
+ALPHAEDIT_RELATIVE = 1e-2
 
 
 def default_testbed() -> Path:
@@ -58,34 +75,63 @@ def default_testbed() -> Path:
     return shared[0] if shared else CACHE / "testbeds" / "counterfact-wikitext-s0"
 
 
-def grid(n_small: int, n_large: int | None) -> list[dict]:
-    """The runs: (method, labels, gamma, n, optimizer)."""
-    runs = [dict(method="ft", labels="sampled", gamma=0.0, n=n_small, optimizer="adam")]
-    for g in GAMMAS:
-        runs += [dict(method="crispedit", labels="sampled", gamma=g, n=n_small, optimizer="adam"),
-                 dict(method="crispedit", labels="empirical", gamma=g, n=n_small, optimizer="adam"),
-                 dict(method="nullspace", labels="sampled", gamma=g, n=n_small, optimizer="adam")]
-    runs.append(dict(method="crispedit", labels="sampled", gamma=0.8, n=n_small, optimizer="adam-projected-step"))
+def spec(method: str, n: int, gamma: float | None = None, **extra) -> dict:
+    """One run: a method, its options (beyond the SPEC §1.6 schedule) and the number of edits."""
+    return {"method": method, "gamma": gamma, "n": n, **extra}
+
+
+def grid(n_small: int, n_large: int | None, all_blocks: list[int]) -> list[dict]:
+    """The batch runs."""
+    runs = [spec("ft", n_small)]
+    runs += [spec("crispedit", n_small, g) for g in GAMMAS]
+    runs += [spec("crispedit", n_small, 0.8, optimizer="adam-projected-step")]
+    runs += [spec("nullspace", n_small, g) for g in (0.8, 0.9)]
+    early = all_blocks[: max(1, len(all_blocks) // 2)]
+    runs += [spec(m, n_small, layers=blocks) for m in ("memit", "alphaedit") for blocks in (all_blocks, early)]
     if n_large:
-        runs += [dict(method=m, labels="sampled", gamma=0.0 if m == "ft" else 0.8, n=n_large, optimizer="adam")
-                 for m in ("crispedit", "ft")]
+        runs += [spec("crispedit", n_large, 0.8), spec("ft", n_large)]
     return runs
 
 
-def diagnostic_grid(n_small: int) -> list[dict]:
-    """CrispEdit with curvature from the WikiText documents plus fact sentences that are neither
-    edited nor counted as known unedited facts: does a corpus with facts in it protect facts?"""
-    return [dict(method="crispedit", labels="sampled", gamma=g, n=n_small, optimizer="adam", corpus="wikitext+facts")
-            for g in (0.8, 0.9)]
+def sequential_grid(n: int, all_blocks: list[int], chunk: int = CHUNK) -> list[dict]:
+    """The chunked runs (chunks of ``chunk``)."""
+    early = all_blocks[: max(1, len(all_blocks) // 2)]
+    seq = dict(chunk_size=chunk)
+    return [
+        spec("crispedit", n, 0.8, **seq),
+        spec("crispedit", n, 0.8, protect_edits="mix", **seq),
+        spec("crispedit", n, 0.8, refresh_drift=0.25, **seq),
+        spec("crispedit", n, 0.8, budget=BUDGET, **seq),
+        spec("ft", n, budget=BUDGET, **seq),
+        spec("ft", n, **seq),
+        spec("nullspace", n, 0.8, **seq),
+        spec("memit", n, layers=early, **seq),
+        spec("alphaedit", n, layers=early, **seq),
+    ]
+
+
+def weight_grid(n: int, chunk: int = CHUNK) -> list[dict]:
+    return [spec("crispedit", n, 0.8, chunk_size=chunk, edit_weight=w) for w in EDIT_WEIGHTS]
 
 
 def family(r: dict) -> str:
     """A name for the curve a run lies on."""
-    if r["method"] == "ft":
-        return "ft"
-    name = r["method"] + (f" ({r['labels']})" if r["method"] == "crispedit" else "")
-    name += " projected-step" if r["optimizer"] != "adam" else ""
-    return name + (f" [{r['corpus']}]" if "corpus" in r else "")
+    name = r["method"]
+    if r.get("optimizer", "adam") != "adam":
+        name += " projected-step"
+    if r["method"] in ("memit", "alphaedit"):
+        name += f" blocks {r['layers'][0]}-{r['layers'][-1]}"
+    if r.get("chunk_size"):
+        name += " seq"
+        if r.get("protect_edits") == "mix":
+            name += " mix"
+        if r.get("refresh_drift"):
+            name += f" refresh {r['refresh_drift']:g}"
+        if r.get("edit_weight") not in (None, DEFAULT_EDIT_WEIGHT):
+            name += f" w={r['edit_weight']:g}"
+    if r.get("budget"):
+        name += f" budget {r['budget']:g}"
+    return name
 
 
 def cached(path: Path, compute):
@@ -95,6 +141,169 @@ def cached(path: Path, compute):
     value = compute()
     write_results(value, path)
     return value
+
+
+def cpu_seconds() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+class Testbed:
+    """The testbed model, its requests, the known facts, the corpora and the references, loaded once."""
+
+    def __init__(self, path: Path, cache: Path, seed: int, n_small: int, n_large: int):
+        self.path = path
+        build = json.loads((path / "build.json").read_text())
+        self.build = build
+        self.hash = build["testbed_sha256"]
+        self.cache = cache / self.hash[:16]
+        self.seed = seed
+        self.model, self.tok = load_model(str(path), "cpu", "float32")
+        self.all_blocks = list(range(self.model.config.num_hidden_layers))
+        self.pool = read_requests(path / "edit.jsonl")
+        known_ids = set(cached(self.cache / "known-edit-prompts.json", lambda: [
+            r.case_id for r in known_facts_filter(self.model, self.tok,
+                                                  [EditRequest(r.prompt, r.ground_truth, case_id=r.case_id) for r in self.pool])]))
+        self.usable = [r for r in self.pool if r.case_id in known_ids]
+        if n_small > len(self.usable):
+            sys.exit(f"the testbed knows only {len(self.usable)} of its {len(self.pool)} edit-pool prompts, fewer than {n_small}")
+        self.n_small = n_small
+        self.n_large = n_large if n_large <= len(self.usable) else (len(self.usable) if len(self.usable) >= 2 * n_small else None)
+        rephrases = [EditRequest(p, r.ground_truth, case_id=r.case_id) for r in self.usable[:n_small] for p in r.rephrase_prompts]
+        self.rephrase_known = cached(self.cache / f"known-rephrases-{n_small}.json",
+                                     lambda: len(known_facts_filter(self.model, self.tok, rephrases)) / len(rephrases))
+        unedited = read_requests(path / "unedited.jsonl")
+        # the true facts of the unedited pool: prompts and rephrases, scored on ground_truth
+        self.known_facts = [EditRequest(p, r.target_new, ground_truth=r.ground_truth, case_id=f"{r.case_id}/{i}")
+                            for r in unedited for i, p in enumerate([r.prompt, *r.rephrase_prompts])]
+        self.curvature_docs = read_documents([path / "curvature.txt"], self.tok, max_length=512)
+        self.heldout = read_documents([path / "heldout.txt"], self.tok, max_length=512, max_documents=HELDOUT_DOCS)
+        path_stats = self.cache / f"curvature-sampled-s{seed}"
+        if not path_stats.exists():
+            modules = find_modules(self.model, self.all_blocks)
+            save(collect(self.model, modules, self.curvature_docs, labels="sampled", seed=seed), path_stats)
+        self.stats = load(path_stats)
+        self.references: dict[int, object] = {}
+
+    def modules(self, blocks: list[int]):
+        return find_modules(self.model, blocks)
+
+    def stats_for(self, modules):
+        """The capability statistics of the chosen blocks (a subset of the file's)."""
+        from crispedit.curvature import KFACStatistics
+
+        s = self.stats
+        return KFACStatistics({n: s.A[n] for n in modules}, {n: s.G[n] for n in modules}, {n: s.tokens[n] for n in modules},
+                              dict(s.meta))
+
+    def reference(self, n: int):
+        if n not in self.references:
+            self.references[n] = prepare_reference(self.model, self.tok, self.usable[:n], "raw", self.heldout,
+                                                   self.curvature_docs, self.known_facts)
+        return self.references[n]
+
+    def options(self, s: dict, lr: float, epochs: int) -> MethodOptions:
+        d_in = self.model.config.intermediate_size
+        return MethodOptions(
+            method=s["method"], gamma=s["gamma"], lr=lr, epochs=epochs, seed=self.seed,
+            optimizer=s.get("optimizer", "adam"), chunk_size=s.get("chunk_size"),
+            edit_weight=s.get("edit_weight", DEFAULT_EDIT_WEIGHT), protect_edits=s.get("protect_edits", "merge"),
+            refresh_drift=s.get("refresh_drift"), budget=s.get("budget"),
+            mom2_update_weight=15000.0 * d_in / WIDTH_8B, nullspace_relative=True, nullspace_threshold=ALPHAEDIT_RELATIVE)
+
+    def session(self, s: dict, options: MethodOptions) -> EditSession:
+        modules = self.modules(s.get("layers", self.all_blocks))
+        return EditSession.start(self.model, self.tok, modules, options, self.stats_for(modules), self.curvature_docs,
+                                 eigen_cache=str(self.cache / "eigh"))
+
+
+def row_of(s: dict, session: EditSession, after: dict, ref, seconds: dict) -> dict:
+    cap, base_cap = after["capability"], ref.before["capability"]
+    drift = session.drift()["total"]
+    history = session.history
+    row = dict(s, steps=sum(r.get("steps") or 0 for r in history), chunks=len(history),
+               final_loss=history[-1].get("final_loss"), relative_change=drift["relative_change"],
+               heldout_kl=cap["heldout_kl"], predicted_kl=drift["predicted_kl"],
+               predicted_kl_outside=drift["predicted_kl_outside"], corpus_kl=cap["corpus_kl"],
+               heldout_perplexity_change=cap["heldout_perplexity_change"],
+               known_facts_accuracy=cap["known_facts_accuracy"], known_facts_base=base_cap["known_facts_accuracy"],
+               known_facts_count=cap["known_facts_count"], seconds=seconds,
+               edit_seconds=sum(r["seconds"]["edit"] for r in history),
+               statistics_seconds=sum(r["seconds"]["statistics"] for r in history),
+               rebuild_seconds=sum(r["seconds"]["rebuild"] for r in history),
+               refreshes=sum(len(r["refreshes"]) for r in history),
+               budget_spent=session.budget_spent, edited=len(session.requests))
+    for m in METRICS:
+        for p in ("generation", "teacher_forced"):
+            row[f"{m}/{p}"] = metric(after, m, p)
+            row[f"{m}/{p}/base"] = metric(ref.before, m, p)
+    if s.get("chunk_size"):
+        row["history"] = [{"chunk": r["chunk"], "edits": r["metrics"]["edits"], **{k: r["metrics"].get(k) for k in (
+            "reliability", "first_chunk_reliability", "rephrase", "known_facts_accuracy", "heldout_kl", "predicted_kl")},
+            "seconds": r["seconds"], "refreshes": len(r["refreshes"]), "budget": r.get("budget")}
+            for r in history if r.get("metrics")]
+    return row
+
+
+def run(tb: Testbed, s: dict, a) -> dict:
+    """One run from the base weights; the base is put back afterwards."""
+    n = s["n"]
+    ref = tb.reference(n)
+    options = tb.options(s, a.lr, a.epochs)
+    w0, c0 = time.perf_counter(), cpu_seconds()
+    requests = tb.usable[:n]
+    if s.get("chunk_size"):
+        key = hashlib.sha256(json.dumps(dict(s, v=__version__, t=tb.hash), sort_keys=True).encode()).hexdigest()[:20]
+        ledger_dir = tb.cache / "ledgers" / key
+        if (ledger_dir / "ledger.json").exists():  # resume an interrupted run
+            session = ledger.load(ledger_dir, tb.model, tb.tok, tb.modules(s.get("layers", tb.all_blocks)))
+        else:
+            session = tb.session(s, options)
+            ledger.save(session, ledger_dir, str(tb.path), snapshot_every=0)
+        done = len(session.requests)
+        probe = HistoryProbe(tb.tok, ref.known_facts, tb.heldout, a.eval_sample, tb.seed)
+        total = -(-n // s["chunk_size"])
+
+        def after_chunk(sess, record):
+            if record["chunk"] % a.eval_every == 0 or record["chunk"] == total:
+                record["metrics"] = probe.score(sess)
+            ledger.save(sess, ledger_dir, str(tb.path))
+            m = record.get("metrics") or {}
+            print(f"  chunk {record['chunk']}/{total}: steps {record.get('steps')} loss {record.get('final_loss') or 0:.4f} "
+                  f"pred. KL {record['drift']['total']['predicted_kl']:.4f}"
+                  + (f" reliab. {m['reliability']:.3f} first {m['first_chunk_reliability']:.3f} known "
+                     f"{m.get('known_facts_accuracy', 0):.3f} KL {m['heldout_kl']:.4f}" if m else "")
+                  + f" [{sum(record['seconds'].values()):.1f} s]", flush=True)
+
+        session.edit_all(requests[done:], s["chunk_size"], after_chunk)
+    else:
+        session = tb.session(s, options)
+        session.edit(requests)
+    edit_wall, edit_cpu = time.perf_counter() - w0, cpu_seconds() - c0
+    ref.base_weights = session.base
+    after = measure(tb.model, tb.tok, ref)
+    seconds = {"edit_wall": edit_wall, "edit_cpu": edit_cpu, "total_wall": time.perf_counter() - w0,
+               "total_cpu": cpu_seconds() - c0}
+    row = row_of(s, session, after, ref, seconds)  # (the drift of the edited weights: before the base is back)
+    session.restore_base()
+    return {"row": row, "per_request": after["per_request"]}
+
+
+def run_all(tb: Testbed, specs: list[dict], a) -> list[dict]:
+    rows = []
+    for s in specs:
+        key = json.dumps(dict(s, testbed=tb.hash, lr=a.lr, epochs=a.epochs, seed=tb.seed, version=__version__,
+                              eval_every=a.eval_every, eval_sample=a.eval_sample), sort_keys=True)
+        path = tb.cache / "runs" / (hashlib.sha256(key.encode()).hexdigest()[:20] + ".json")
+        t0 = time.perf_counter()
+        print(f"{family(s)} γ {s['gamma']} n {s['n']} ...", flush=True)
+        r = cached(path, lambda: run(tb, s, a))["row"]
+        rows.append(r)
+        print(f"{family(r):<40} n {r['n']:<5d} reliab. {num(r['reliability/generation'])} "
+              f"rephr. {num(r['generalization/generation'])} local. {num(r['locality_agreement/generation'])} "
+              f"known {num(r['known_facts_accuracy'])} KL {r['heldout_kl']:.4f} (pred. {r['predicted_kl']:.4f}) "
+              f"ppl {r['heldout_perplexity_change']:+.2%} steps {r['steps']} [{time.perf_counter() - t0:.0f} s]", flush=True)
+    return rows
 
 
 def main() -> None:
@@ -108,124 +317,108 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=25)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--diagnostics", action="store_true", help="also protect curvature of WikiText plus fact sentences")
-    ap.add_argument("--skip-stories", action="store_true", help="leave out the stories260K part (§3)")
+    ap.add_argument("--chunk", type=int, default=CHUNK, help="requests per chunk of the sequential runs")
+    ap.add_argument("--eval-every", type=int, default=5, help="sequential runs: score the history every K chunks")
+    ap.add_argument("--eval-sample", type=int, default=500, help="sequential runs: edits scored per evaluation")
+    ap.add_argument("--only", nargs="+", default=["batch", "weights", "sequential", "stories"],
+                    choices=["batch", "weights", "sequential", "stories"])
     a = ap.parse_args()
     testbed = Path(a.testbed) if a.testbed else default_testbed()
     if not (testbed / "build.json").exists():
         sys.exit(f"no testbed in {testbed}: build one with python benchmarks/build_testbed.py")
     torch.set_num_threads(a.threads)
-    build = json.loads((testbed / "build.json").read_text())
-    tb_hash = build["testbed_sha256"]
-    cache = Path(a.cache) / tb_hash[:16]
-    model, tok = load_model(str(testbed), "cpu", "float32")
-    modules = find_modules(model, "auto")
-
-    pool = read_requests(testbed / "edit.jsonl")
-    known_ids = cached(cache / "known-edit-prompts.json", lambda: [
-        r.case_id for r in known_facts_filter(model, tok, [EditRequest(r.prompt, r.ground_truth, case_id=r.case_id) for r in pool])])
-    known_set = set(known_ids)
-    usable = [r for r in pool if r.case_id in known_set]
-    n_small, n_large = a.edits
-    if n_small > len(usable):
-        sys.exit(f"the testbed knows only {len(usable)} of its {len(pool)} edit-pool prompts, fewer than {n_small}")
-    if n_large > len(usable):  # the large runs use every known prompt, if that is still at least 2n
-        print(f"the testbed knows {len(usable)} edit-pool prompts, fewer than {n_large}", end=": ")
-        n_large = len(usable) if len(usable) >= 2 * n_small else None
-        print(f"large runs at {n_large} edits" if n_large else "no large runs")
-    rephrases = [EditRequest(p, r.ground_truth, case_id=r.case_id) for r in usable[:n_small] for p in r.rephrase_prompts]
-    rephrase_known = cached(cache / f"known-rephrases-{n_small}.json",
-                            lambda: len(known_facts_filter(model, tok, rephrases)) / len(rephrases))
-    unedited = read_requests(testbed / "unedited.jsonl")
-    known_facts = [EditRequest(p, r.ground_truth, case_id=f"{r.case_id}/{i}")
-                   for r in unedited for i, p in enumerate([r.prompt, *r.rephrase_prompts])]
-    curvature_docs = read_documents([testbed / "curvature.txt"], tok, max_length=512)
-    heldout = read_documents([testbed / "heldout.txt"], tok, max_length=512, max_documents=HELDOUT_DOCS)
-
-    stats, stats_time = {}, {}
-    for labels in ("sampled", "empirical"):
-        path = cache / f"curvature-{labels}-s{a.seed}"
-        if not path.exists():
-            save(collect(model, modules, curvature_docs, labels=labels, seed=a.seed), path)
-        stats[labels] = load(path, modules)
-        stats_time[labels] = stats[labels].meta["time_s"]
-    fact_docs = []
-    if a.diagnostics:  # usable[n_small : 2 n_small]: known, never edited in the n_small runs, not in the unedited pool
-        fact_docs = [tok(edit_text(r.prompt, r.ground_truth) + ".")["input_ids"] for r in usable[n_small : 2 * n_small]]
-        path = cache / f"curvature-sampled+facts-s{a.seed}"
-        if not path.exists():
-            save(collect(model, modules, curvature_docs + fact_docs, labels="sampled", seed=a.seed), path)
-        stats["sampled+facts"] = load(path, modules)
-        stats_time["sampled+facts"] = stats["sampled+facts"].meta["time_s"]
-    eig = {labels: eigenbases(s) for labels, s in stats.items()}
-    base_weights = {n: m.weight.detach().clone() for n, m in modules.items()}
-    references: dict[int, object] = {}
-
-    def run(spec: dict) -> dict:
-        n = spec["n"]
-        if n not in references:
-            references[n] = prepare_reference(model, tok, usable[:n], "raw", heldout, curvature_docs, known_facts, modules=modules)
-        ref = references[n]
-        P = build_projectors(eig[spec["labels"] + ("+facts" if "corpus" in spec else "")], spec["method"], spec["gamma"])
-        result = edit(model, tok, usable[:n], modules, P, optimizer=spec["optimizer"], lr=a.lr, epochs=a.epochs, seed=a.seed)
-        drift = drift_report(result.deltas, modules, eig[spec["labels"]], P)  # predicted KL: WikiText-only curvature
-        after = measure(model, tok, ref)
-        with torch.no_grad():
-            for name, m in modules.items():
-                m.weight.copy_(base_weights[name])
-        cap, base_cap = after["capability"], ref.before["capability"]
-        row = dict(spec, steps=result.steps, epochs=result.epochs, final_loss=result.epoch_losses[-1],
-                   edit_seconds=result.seconds, relative_change=drift["total"]["relative_change"],
-                   heldout_kl=cap["heldout_kl"], predicted_kl=drift["total"]["predicted_kl"],
-                   predicted_kl_outside=drift["total"]["predicted_kl_outside"], corpus_kl=cap["corpus_kl"],
-                   heldout_perplexity_change=cap["heldout_perplexity_change"],
-                   known_facts_accuracy=cap["known_facts_accuracy"], known_facts_base=base_cap["known_facts_accuracy"],
-                   known_facts_count=cap["known_facts_count"])
-        for m in METRICS:
-            for p in ("generation", "teacher_forced"):
-                row[f"{m}/{p}"] = metric(after, m, p)
-                row[f"{m}/{p}/base"] = metric(ref.before, m, p)
-        return {"row": row, "per_request": after["per_request"]}
-
-    rows = []
-    for spec in grid(n_small, n_large) + (diagnostic_grid(n_small) if a.diagnostics else []):
-        key = json.dumps(dict(spec, testbed=tb_hash, lr=a.lr, epochs=a.epochs, seed=a.seed, version=__version__), sort_keys=True)
-        path = cache / "runs" / (hashlib.sha256(key.encode()).hexdigest()[:20] + ".json")
-        t0 = time.perf_counter()
-        r = cached(path, lambda: run(spec))["row"]
-        rows.append(r)
-        print(f"{family(r):<34} γ {r['gamma']:<4g} n {r['n']:<5d} reliab. {num(r['reliability/generation'])} "
-              f"rephr. {num(r['generalization/generation'])} local. {num(r['locality_agreement/generation'])} "
-              f"known {num(r['known_facts_accuracy'])} KL {r['heldout_kl']:.4f} (pred. {r['predicted_kl']:.4f}) "
-              f"ppl {r['heldout_perplexity_change']:+.2%} steps {r['steps']} [{time.perf_counter() - t0:.0f} s]", flush=True)
-
-    results = {
-        "version": __version__, "seed": a.seed, "threads": a.threads, "testbed": {
-            "sha256": tb_hash, "inputs_sha256": build["inputs_sha256"], "parameters": build["parameters"],
-            "config": build["config"], "facts": build["facts"], "fact_accuracy_by_generation": build["fact_accuracy_by_generation"],
-            "majority_baseline_by_template": build["majority_baseline_by_template"], "perplexity": build["perplexity"],
-            "train_cpu_s": build["train_cpu_s"], "train_wall_s": build["train_wall_s"]},
-        "edit_pool_known": len(usable), "edit_pool": len(pool), "edited_rephrases_known_by_base": rephrase_known, "known_unedited_facts": rows[0]["known_facts_count"],
-        "known_unedited_offered": len(known_facts), "layers": list(modules),
-        "curvature": {"documents": len(curvature_docs), "tokens": stats["sampled"].meta["tokens"], "seconds": stats_time,
-                      "diagnostic_fact_sentences": len(fact_docs)},
-        "heldout": {"documents": len(heldout), "tokens": sum(len(d) - 1 for d in heldout)},
-        "schedule": {"optimizer": "adam", "lr": a.lr, "batch_size": 32, "epochs": a.epochs, "loss_threshold": 1e-2},
-        "rows": rows, "matched_reliability": matched(rows, n_small),
-    }
-    if not a.skip_stories:
+    tb = Testbed(testbed, Path(a.cache), a.seed, *a.edits)
+    out = Path(a.out)
+    results = json.loads(out.read_text()) if out.exists() else {}
+    if results.get("version") != __version__:
+        results = {}
+    results.update({
+        "version": __version__, "seed": a.seed, "threads": a.threads, "cpu": cpu_model(), "testbed": {
+            "sha256": tb.hash, "inputs_sha256": tb.build["inputs_sha256"], "parameters": tb.build["parameters"],
+            "config": tb.build["config"], "facts": tb.build["facts"],
+            "fact_accuracy_by_generation": tb.build["fact_accuracy_by_generation"],
+            "majority_baseline_by_template": tb.build["majority_baseline_by_template"],
+            "perplexity": tb.build["perplexity"], "train_cpu_s": tb.build["train_cpu_s"],
+            "train_wall_s": tb.build["train_wall_s"]},
+        "edit_pool_known": len(tb.usable), "edit_pool": len(tb.pool), "edited_rephrases_known_by_base": tb.rephrase_known,
+        "known_unedited_offered": len(tb.known_facts), "layers": tb.all_blocks,
+        "curvature": {"documents": len(tb.curvature_docs), "tokens": tb.stats.meta["tokens"], "seconds": tb.stats.meta["time_s"]},
+        "heldout": {"documents": len(tb.heldout), "tokens": sum(len(d) - 1 for d in tb.heldout)},
+        "schedule": {"optimizer": "adam", "lr": a.lr, "batch_size": 32, "epochs": a.epochs, "loss_threshold": 1e-2,
+                     "chunk_size": a.chunk, "eval_every": a.eval_every, "eval_sample": a.eval_sample},
+        "closed_form": {"mom2_update_weight": 15000.0 * tb.model.config.intermediate_size / WIDTH_8B,
+                        "nullspace_relative_threshold": ALPHAEDIT_RELATIVE},
+    })
+    if "batch" in a.only:
+        rows = run_all(tb, grid(tb.n_small, tb.n_large, tb.all_blocks), a)
+        results.update(rows=rows, matched_reliability=matched(rows, tb.n_small))
+        write_results(results, out)
+        print(table(rows))
+        plot(rows, Path(a.plot))
+    if "weights" in a.only:
+        results["edit_weight"] = run_all(tb, weight_grid(tb.n_small, a.chunk), a)
+        write_results(results, out)
+    if "sequential" in a.only and tb.n_large:
+        seq = run_all(tb, sequential_grid(tb.n_large, tb.all_blocks, a.chunk), a)
+        batch = [r for r in results.get("rows", []) if r["n"] == tb.n_large and r["method"] == "crispedit"]
+        results["sequential"] = {"rows": seq, "time": time_ratio(seq, batch), "flops_8b": flops_ratio_8b(a.chunk, tb.n_large)}
+        write_results(results, out)
+        print(table(seq))
+        plot_history(seq, Path(a.plot).with_name(Path(a.plot).stem + "-sequential.png"), a.chunk)
+    if "stories" in a.only:
         from bench_stories import stories_benchmark
 
         results["stories260k"] = cached(Path(a.cache) / f"stories-s{a.seed}-{__version__}.json",
                                         lambda: stories_benchmark(a.seed, [5e-4, 2e-3]))
-    print(table(rows))
-    print(f"-> {write_results(results, a.out)}")
-    plot(rows, Path(a.plot))
-    print(f"-> {a.plot}")
+    print(f"-> {write_results(results, out)}")
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+def time_ratio(seq: list[dict], batch: list[dict]) -> dict:
+    """Sequential CrispEdit's editing time over the batch run's for the same edits (wall and CPU)."""
+    s = next((r for r in seq if family(r) == "crispedit seq"), None)
+    b = batch[0] if batch else None
+    if not s or not b:
+        return {}
+    return {"sequential_wall_s": s["seconds"]["edit_wall"], "batch_wall_s": b["seconds"]["edit_wall"],
+            "ratio_wall": s["seconds"]["edit_wall"] / b["seconds"]["edit_wall"],
+            "ratio_cpu": s["seconds"]["edit_cpu"] / b["seconds"]["edit_cpu"],
+            "sequential_parts_s": {"edit": s["edit_seconds"], "statistics": s["statistics_seconds"],
+                                   "eigh_and_rebuild": s["rebuild_seconds"]},
+            "note": "editing time only (statistics of the chunks and eigendecompositions included; evaluation excluded)"}
+
+
+def flops_ratio_8b(chunk: int, n: int, tokens_per_request: int = 20, epochs_per_chunk: float = 12.0) -> dict:
+    """The same ratio estimated by counted flops at LLaMA-3-8B shapes (layers 19-23, bf16 forward and
+    backward, fp32 eigendecompositions), with what ``--rebuild-every K`` saves. Assumptions are returned
+    with the figures."""
+    params = 8.03e9
+    d_in, d_out, layers = 14336, 4096, 5
+    step = 6 * params * 32 * tokens_per_request  # one optimiser step on 32 requests
+    chunks = n // chunk
+    steps = chunks * epochs_per_chunk * -(-chunk // 32)
+    stats = 3 * 2 * params * chunk * tokens_per_request  # forward + backward over each chunk's edit texts
+    eigh = layers * 9 * (d_in ** 3 + d_out ** 3)  # ~9 n³ flops per symmetric eigendecomposition (tridiagonal + vectors)
+    batch = steps * step
+    out = {"assumptions": {"tokens_per_request": tokens_per_request, "epochs_per_chunk": epochs_per_chunk,
+                           "eigh_flops": "9 n^3 per factor", "projection": "not counted (the same in both)"}}
+    for k in (1, 5, 10):
+        extra = chunks * stats + (chunks / k) * eigh
+        out[f"rebuild_every_{k}"] = (batch + extra) / batch
+    return out
 
 
 def num(x: float | None, digits: int = 3) -> str:
-    """A metric for a table; "-" where there was nothing to measure (no locality prompt, say)."""
+    """A metric for a table; "-" where there was nothing to measure."""
     return "-" if x is None else f"{x:.{digits}f}"
 
 
@@ -246,15 +439,17 @@ def matched(rows: list[dict], n: int, level: float = 0.9) -> dict:
 
 def table(rows: list[dict]) -> str:
     """The README's markdown table."""
-    head = ("| method | γ | n | steps | reliability | rephrase | locality | known facts | KL held-out (K-FAC pred.) | ppl change |\n"
-            "|---|---|---|---|---|---|---|---|---|---|")
+    head = ("| method | γ | n | steps | reliability | rephrase | locality | known facts | KL held-out (K-FAC pred.) | ppl change | time (wall / CPU) |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|")
     lines = [head]
     for r in rows:
-        lines.append(f"| {family(r)} | {r['gamma']:g} | {r['n']} | {r['steps']} | {num(r['reliability/generation'])} "
+        g = "-" if r["gamma"] is None else f"{r['gamma']:g}"
+        lines.append(f"| {family(r)} | {g} | {r['n']} | {r['steps']} | {num(r['reliability/generation'])} "
                      f"({num(r['reliability/teacher_forced'])}) | {num(r['generalization/generation'])} "
                      f"({num(r['generalization/teacher_forced'])}) | {num(r['locality_agreement/generation'])} "
                      f"({num(r['locality_agreement/teacher_forced'])}) | {num(r['known_facts_accuracy'])} | "
-                     f"{r['heldout_kl']:.4f} ({r['predicted_kl']:.4f}) | {r['heldout_perplexity_change']:+.2%} |")
+                     f"{r['heldout_kl']:.4f} ({r['predicted_kl']:.4f}) | {r['heldout_perplexity_change']:+.2%} | "
+                     f"{r['seconds']['edit_wall']:.0f} / {r['seconds']['edit_cpu']:.0f} s |")
     return "\n".join(lines)
 
 
@@ -265,6 +460,26 @@ def known_lost(r: dict) -> float:
     return r["known_facts_base"] - r["known_facts_accuracy"]
 
 
+COLOURS = {"crispedit": "tab:blue", "nullspace": "tab:green", "ft": "tab:red", "crispedit projected-step": "tab:cyan",
+           "memit": "tab:orange", "alphaedit": "tab:purple"}
+
+
+def _colour(f: str) -> str:
+    for key in sorted(COLOURS, key=len, reverse=True):
+        if f.startswith(key):
+            return COLOURS[key]
+    return "grey"
+
+
+def _save(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+
+
 def plot(rows: list[dict], path: Path) -> None:
     """Edit success against capability drift (held-out KL; known-fact accuracy lost), per method across γ."""
     import matplotlib
@@ -273,35 +488,54 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.3), sharey=True)
-    colours = {"crispedit (sampled)": "tab:blue", "crispedit (empirical)": "tab:purple", "nullspace": "tab:green",
-               "ft": "tab:red", "crispedit (sampled) projected-step": "tab:cyan",
-               "crispedit (sampled) [wikitext+facts]": "tab:orange"}
     n_small = min(r["n"] for r in rows)
     for ax, x, label in ((axes[0], lambda r: r["heldout_kl"], "mean KL(base ‖ edited) on held-out WikiText (nats/token)"),
                          (axes[1], known_lost, "known unedited facts lost (accuracy points)")):
-        for f in colours:
-            pts = sorted((r for r in rows if family(r) == f and r["n"] == n_small), key=lambda r: r["gamma"])
-            if not pts:
-                continue
-            ax.plot([x(r) for r in pts], [r["reliability/generation"] for r in pts], "o-", color=colours[f], label=f, alpha=0.8)
+        for f in sorted({family(r) for r in rows if r["n"] == n_small}):
+            pts = sorted((r for r in rows if family(r) == f and r["n"] == n_small), key=lambda r: r["gamma"] or 0)
+            ax.plot([x(r) for r in pts], [r["reliability/generation"] for r in pts], "o-", color=_colour(f), label=f,
+                    alpha=0.8, markersize=4 if len(pts) > 1 else 7)
             for r in pts:
-                if f != "ft":
-                    ax.annotate(f"{r['gamma']:g}", (x(r), r["reliability/generation"]), fontsize=7, color=colours[f])
+                if r["gamma"]:
+                    ax.annotate(f"{r['gamma']:g}", (x(r), r["reliability/generation"]), fontsize=7, color=_colour(f))
         for r in rows:
             if r["n"] != n_small:
-                ax.scatter(x(r), r["reliability/generation"], marker="s", color=colours.get(family(r), "grey"), s=40,
+                ax.scatter(x(r), r["reliability/generation"], marker="s", color=_colour(family(r)), s=40,
                            label=f"{family(r)} n={r['n']}")
         ax.set_xlabel(label)
         if ax is axes[0]:
             ax.set_xscale("log")
     axes[0].set_ylabel("edit reliability (greedy generation)")
-    axes[1].legend(fontsize=7, loc="lower right")
-    fig.suptitle(f"CounterFact/WikiText testbed: {n_small} edits, γ ∈ {{{', '.join(f'{g:g}' for g in GAMMAS)}}}")
+    axes[1].legend(fontsize=6, loc="lower right")
+    fig.suptitle(f"CounterFact/WikiText testbed: {n_small} edits in one batch, γ ∈ {{{', '.join(f'{g:g}' for g in GAMMAS)}}}")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
+    _save(fig, path)
+
+
+def plot_history(rows: list[dict], path: Path, chunk: int = CHUNK) -> None:
+    """Each history metric against the number of edits made, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = [("reliability", "reliability, all edits so far"), ("first_chunk_reliability", "reliability, first chunk"),
+               ("known_facts_accuracy", "known unedited facts"), ("heldout_kl", "held-out KL (nats/token)")]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(17, 4))
+    for ax, (key, label) in zip(axes, metrics):
+        for r in rows:
+            h = [p for p in r.get("history", []) if p.get(key) is not None]
+            style = "--" if r.get("budget") or r.get("protect_edits") == "mix" or r.get("refresh_drift") else "-"
+            ax.plot([p["edits"] for p in h], [p[key] for p in h], style, marker="o", markersize=3,
+                    color=_colour(family(r)), label=family(r))
+        ax.set_xlabel("edits made")
+        ax.set_title(label, fontsize=9)
+        if key == "heldout_kl":
+            ax.set_yscale("log")
+    axes[0].legend(fontsize=6, loc="lower left")
+    fig.suptitle(f"CounterFact/WikiText testbed: sequential editing in chunks of {chunk}")
+    fig.tight_layout()
+    _save(fig, path)
 
 
 if __name__ == "__main__":

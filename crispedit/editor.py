@@ -63,8 +63,8 @@ def eigenbases(stats: KFACStatistics, devices: dict[str, torch.device] | None = 
     for n in stats.names:
         dev = devices[n] if devices else stats.A[n].device
         pair = []
-        for key, M in (("A", stats.A[n]), ("G", stats.G[n])):
-            e = _cached_eigh(M, f"{n}.{key}", Path(cache) if cache else None)
+        for key, M in (("A", stats.A[n]), ("G", stats.G[n])):  # eigh where the matrix lives (a GPU, say)
+            e = _cached_eigh(M.to(dev), f"{n}.{key}", Path(cache) if cache else None)
             vectors = e.vectors.to(dev, vectors_dtype or e.vectors.dtype)
             pair.append(Eigen(e.values.to(dev), vectors))
         out[n] = (pair[0], pair[1])

@@ -103,6 +103,7 @@ def base_tensors(session) -> tuple[dict[str, Tensor], dict]:
 
 def state_tensors(session) -> tuple[dict[str, Tensor], dict]:
     """Everything of ``session`` that changes as it edits: tensors, and the JSON that goes with them."""
+    session.flush_statistics()
     tensors = {f"delta.{n}": d for n, d in session.deltas().items()}
     for n, m in session.modules.items():  # a float64 model: no wider dtype makes W0 + ΔW exact, keep W itself
         if tensors[f"delta.{n}"].dtype == m.weight.dtype:

@@ -161,6 +161,7 @@ class EditSession:
         self.requests: list[tuple[int, EditRequest]] = []  # every edited request with its chunk
         self.history: list[dict] = []
         self.budget_spent = False
+        self.pending: list[EditRequest] = []  # the last chunk, whose statistics are not taken yet
         self.preserved: dict[str, Tensor] | None = None  # AlphaEdit: Σ k kᵀ of edited keys
         self.null_bases: dict[str, Tensor] | None = None  # AlphaEdit: null-space bases of C
         self._record: dict | None = None
@@ -240,6 +241,7 @@ class EditSession:
         o = self.options
         if o.method in CLOSED_FORM_METHODS:
             return 0.0
+        self.flush_statistics()
         if self.projectors is not None and not (self.stale and (force or self.chunks_since_rebuild >= o.rebuild_every)):
             return 0.0
         start = time.perf_counter()
@@ -267,15 +269,31 @@ class EditSession:
         o = self.options
         return build_projectors(eig, o.method, o.effective_gamma(), dtype, o.projection_dtype)
 
+    def flush_statistics(self) -> float:
+        """Add the K-FAC sums of the last chunk's edit texts (``prompt + " " + target``, every position
+        labelled) to the protected ``edits`` source. They are taken lazily — at the start of the next
+        chunk, or when a ledger is saved — at the weights the chunk left, which nothing changes in
+        between; a batch edit that is never continued never pays for them. Returns the seconds spent."""
+        if not self.pending:
+            return 0.0
+        start = time.perf_counter()
+        chunk = self._sums(edit_documents(self.tokenizer, self.pending))
+        self.sources[EDITS] = self.sources[EDITS] + chunk if EDITS in self.sources else chunk
+        self.pending = []
+        if self.history:
+            self.history[-1]["statistics_tokens"] = chunk.tokens
+        return time.perf_counter() - start
+
     def refresh(self, where: str) -> None:
         """Recompute every source at the current weights (SPEC §1.6, optional step) and rebuild."""
         start = time.perf_counter()
+        self.pending = []  # the edits' sums are recomputed below, this chunk's included
         drift = self.drift_since_statistics()
         if self.capability_documents:
             self.sources[CAPABILITY] = self._sums(self.capability_documents)
         for name, docs in self.protect_documents.items():
             self.sources[f"protect:{name}"] = self._sums(docs)
-        if EDITS in self.sources:
+        if self.options.protect_edits == "merge" and self.requests:
             self.sources[EDITS] = self._sums(edit_documents(self.tokenizer, [r for _, r in self.requests]))
         self.stats_weights = {n: m.weight.detach().clone() for n, m in self.modules.items()}
         self.stale = True
@@ -310,7 +328,7 @@ class EditSession:
             raise SessionError("no request to edit")
         index = len(self.history)
         record = {"chunk": index + 1, "name": name, "requests": len(requests), "requests_sha256": requests_hash(requests),
-                  "refreshes": [], "seconds": {}}
+                  "refreshes": [], "seconds": {"statistics": self.flush_statistics()}}
         self._record = record
         start = time.perf_counter()
         record["seconds"]["rebuild"] = self.rebuild()
@@ -320,14 +338,10 @@ class EditSession:
             self._gradient(requests, index, record)
         record["seconds"]["edit"] = time.perf_counter() - start - record["seconds"]["rebuild"]
         self.requests.extend((index, r) for r in requests)
-        t = time.perf_counter()
         if o.method not in CLOSED_FORM_METHODS and o.protect_edits == "merge":
-            chunk = self._sums(edit_documents(self.tokenizer, requests))
-            self.sources[EDITS] = self.sources[EDITS] + chunk if EDITS in self.sources else chunk
-            record["statistics_tokens"] = chunk.tokens
+            self.pending = list(requests)  # their statistics: taken before anything moves the weights again
         if o.method not in CLOSED_FORM_METHODS and o.protect_edits != "none":
             self.stale = True
-        record["seconds"]["statistics"] = time.perf_counter() - t
         self.chunks_since_rebuild += 1
         self._maybe_refresh(f"after chunk {index + 1}")
         record["drift"] = self.drift()
@@ -372,7 +386,7 @@ class EditSession:
         if o.method == "alphaedit":
             self.preserved, self.null_bases = result.preserved, result.null_bases
         check_finite(self.modules)
-        record.update(steps=result.targets.steps,
+        record.update(steps=int(sum(result.targets.steps)),  # target-optimisation steps over all requests
                       layers=result.layers, residual_after=result.residual_after,
                       seconds_targets=result.seconds_targets)
 

@@ -60,6 +60,8 @@ def test_one_chunk_is_the_batch_editor():
 def test_a_chunk_joins_the_protected_statistics_with_its_prompt_unmasked():
     session, stats = _session(lr=1e-2, epochs=2, batch_size=4, chunk_size=4, edit_weight=3.0)
     session.edit(REQUESTS[:4])
+    assert EDITS not in session.sources and session.pending  # taken lazily: a batch edit never pays for them
+    session.flush_statistics()
     docs = edit_documents(TOK, REQUESTS[:4])
     direct = collect(session.model, session.modules, docs, labels="sampled")  # at the weights after the chunk
     n = next(iter(session.modules))

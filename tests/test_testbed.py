@@ -7,7 +7,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from bench_testbed import cached, grid, matched  # noqa: E402
+from bench_testbed import cached, family, grid, matched, sequential_grid  # noqa: E402
 from build_testbed import majority_baseline, mentions, select_facts, statements, wikitext_articles  # noqa: E402
 
 
@@ -64,19 +64,27 @@ def test_wikitext_articles(tmp_path):
 
 
 def test_grid_and_matched_reliability():
-    runs = grid(1000, 3000)
-    assert len(runs) == 1 + 3 * 5 + 1 + 2 and sum(r["n"] == 3000 for r in runs) == 2
-    assert len(grid(1000, None)) == 17
-    rows = [dict(r, **{"reliability/generation": rel, "heldout_kl": kl, "generalization/generation": 0.1,
-                       "locality_agreement/generation": 0.9, "known_facts_accuracy": 0.9, "known_facts_base": 1.0,
-                       "predicted_kl": kl, "heldout_perplexity_change": 0.0})
-            for r, rel, kl in [(runs[0], 1.0, 0.3), (runs[1], 0.95, 0.05), (runs[4], 0.92, 0.02), (runs[7], 0.5, 0.01)]]
+    runs = grid(1000, 3000, [0, 1, 2, 3])
+    methods = [r["method"] for r in runs]
+    assert methods.count("memit") == methods.count("alphaedit") == 2  # all blocks, and the early half
+    assert {tuple(r["layers"]) for r in runs if r["method"] == "memit"} == {(0, 1, 2, 3), (0, 1)}
+    assert sum(r["n"] == 3000 for r in runs) == 2 and len(grid(1000, None, [0, 1, 2, 3])) == len(runs) - 2
+    seq = sequential_grid(3000, [0, 1, 2, 3])
+    assert all(r["chunk_size"] == 100 and r["n"] == 3000 for r in seq)
+    assert len({family(r) for r in seq}) == len(seq)  # every sequential run has a name of its own
+    by_family = {family(r): r for r in runs if r["n"] == 1000}
+    rows = [dict(by_family[f], **{"reliability/generation": rel, "heldout_kl": kl, "generalization/generation": 0.1,
+                                  "locality_agreement/generation": 0.9, "known_facts_accuracy": 0.9, "known_facts_base": 1.0,
+                                  "predicted_kl": kl, "heldout_perplexity_change": 0.0})
+            for f, rel, kl in [("ft", 1.0, 0.3), ("nullspace", 0.95, 0.05)]]
+    crisp = [r for r in runs if r["method"] == "crispedit" and r["n"] == 1000 and "optimizer" not in r]
+    rows += [dict(crisp[0], **dict(rows[1], method="crispedit", gamma=0.5, **{"reliability/generation": 0.92, "heldout_kl": 0.02})),
+             dict(crisp[2], **dict(rows[1], method="crispedit", gamma=0.9, **{"reliability/generation": 0.5, "heldout_kl": 0.01}))]
     m = matched(rows, 1000)
     assert m["best"]["ft"]["heldout_kl"] == 0.3
-    assert m["best"]["crispedit (sampled)"]["gamma"] == 0.8  # γ 0.9's lower KL does not count: reliability 0.5
-    assert m["families_below_level"] == []
+    assert m["best"]["crispedit"]["gamma"] == 0.5  # γ 0.9's lower KL does not count: reliability 0.5
     strict = matched(rows, 1000, level=0.96)
-    assert list(strict["best"]) == ["ft"] and strict["families_below_level"] == ["crispedit (sampled)"]
+    assert list(strict["best"]) == ["ft"] and strict["families_below_level"] == ["crispedit", "nullspace"]
 
 
 def test_cached_computes_once(tmp_path):
