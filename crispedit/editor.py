@@ -203,12 +203,22 @@ class EditOptimizer:
         return [m.weight for m in self.modules.values()]
 
     @torch.no_grad()
-    def step(self, projectors: dict[str, KroneckerProjector], constrain: Callable[[dict[str, Tensor]], None] | None = None) -> None:
+    def step(self, projectors: dict[str, KroneckerProjector], constrain: Callable[[dict[str, Tensor]], None] | None = None,
+             factors: "GradientFactors | None" = None) -> None:
         """Project each gradient, step, optionally project the step (``adam-projected-step``) and
-        apply ``constrain`` to the masters (a capability budget), then write the masters back."""
+        apply ``constrain`` to the masters (a capability budget), then write the masters back.
+        ``factors`` (the layer inputs and output gradients of the batch) let a projector form the
+        gradient's eigen-coordinates from them when counted flops say that is cheaper."""
         for n, m in self.modules.items():
             master = self.masters[n]
-            master.grad = _project(projectors[n], m.weight.grad.to(master.dtype), self.conv[n])
+            grad, P = m.weight.grad.to(master.dtype), projectors[n]
+            pair = factors.pairs.get(n) if factors is not None else None
+            if pair is not None and not P.is_identity and P.form(pair[0].numel() // pair[0].shape[-1]) == "factors":
+                X = grad.T if self.conv[n] else grad
+                out = P.project_factors(pair[0], pair[1], X=X)
+                master.grad = out.T if self.conv[n] else out
+            else:
+                master.grad = _project(P, grad, self.conv[n])
             if master is not m.weight:
                 m.weight.grad = None
         before = {n: w.clone() for n, w in self.masters.items()} if self.kind == "adam-projected-step" else None
@@ -266,6 +276,44 @@ class EditOptimizer:
                     state[key] = tensors[f"{n}.{key}"].to(w.device, w.dtype).clone()
 
 
+class GradientFactors:
+    """Hooks that keep, for the last forward and backward, each edited matrix's inputs ``a``
+    (``[..., d_in]``) and output gradients ``g`` (``[..., d_out]``): its weight gradient is ``gᵀ a``.
+    Nothing is copied (autograd keeps ``a`` anyway)."""
+
+    def __init__(self, modules: dict[str, nn.Module]):
+        self.modules = modules
+        self.pairs: dict[str, tuple[Tensor, Tensor]] = {}
+        self._inputs: dict[str, Tensor] = {}
+        self._handles: list = []
+
+    def __enter__(self) -> "GradientFactors":
+        for name, m in self.modules.items():
+            self._handles.append(m.register_forward_hook(self._hook(name)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self.pairs.clear()
+        self._inputs.clear()
+
+    def _hook(self, name: str):
+        def hook(module, args, out):
+            if not torch.is_grad_enabled() or not out.requires_grad:
+                return
+            self._inputs[name] = args[0].detach()
+            self.pairs.pop(name, None)
+
+            def on_grad(grad):
+                self.pairs[name] = (grad.detach(), self._inputs[name])
+
+            out.register_hook(on_grad)
+
+        return hook
+
+
 def run_epochs(
     model: nn.Module,
     tokenizer,
@@ -299,7 +347,8 @@ def run_epochs(
     batches = -(-len(items) // batch_size)
     steps, epoch_losses = 0, []
     # eval mode: no dropout, so the edit is a deterministic function of the seed
-    with frozen(model, state.weights), tqdm(total=epochs * batches, unit="step", desc="edit", disable=not progress) as bar:
+    with frozen(model, state.weights), GradientFactors(state.modules) as factors, \
+            tqdm(total=epochs * batches, unit="step", desc="edit", disable=not progress) as bar:
         for epoch in range(epochs):
             order = torch.randperm(len(items), generator=gen).tolist()
             losses = []
@@ -315,7 +364,7 @@ def run_epochs(
                 if value < loss_threshold:
                     continue  # already learnt
                 loss.backward()
-                state.step(projectors, constrain)
+                state.step(projectors, constrain, factors)
                 steps += 1
                 bar.set_postfix(loss=f"{value:.4f}", epoch=epoch + 1)
             epoch_losses.append(sum(losses) / len(losses))

@@ -236,3 +236,24 @@ def test_a_diverging_edit_is_an_error_not_a_nan_model():
     model, modules, _, P = _setup(method="ft")
     with pytest.raises(EditError, match="loss became nan|loss became inf|NaN or inf"):
         edit(model, TOK, REQUESTS, modules, P, optimizer="sgd", lr=1e300, epochs=3, batch_size=2, loss_threshold=0.0)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+def test_gradient_factors_give_the_weight_gradient_and_the_same_projection(model_type):
+    """The hooks' ``gᵀ a`` is autograd's weight gradient, and projecting from the factors equals
+    projecting the dense gradient (float64: rounding of a few matmuls)."""
+    from crispedit.editor import GradientFactors
+
+    model, modules, _, P = _setup(model_type)
+    ids, attn, labels = _batch(tokenize_requests(TOK, REQUESTS), 2, "cpu")
+    weights = [m.weight for m in modules.values()]
+    from crispedit.running import frozen
+
+    with frozen(model, weights), GradientFactors(modules) as factors:
+        edit_loss(model, ids, attn, labels).backward()
+        for n, m in modules.items():
+            g, a = factors.pairs[n]
+            X = m.weight.grad.T if type(m).__name__ == "Conv1D" else m.weight.grad
+            torch.testing.assert_close(g.reshape(-1, g.shape[-1]).T @ a.reshape(-1, a.shape[-1]), X, rtol=0, atol=1e-12)
+            for form in ("factors", "corner", "dense"):
+                torch.testing.assert_close(P[n].project_factors(g, a, X=X, form=form), P[n].project(X), rtol=0, atol=1e-12)

@@ -202,3 +202,25 @@ def test_merge_refuses_mismatch(llama):
     with pytest.raises(StatisticsError, match="different modules"):
         merge(a, c)
     assert json.dumps(mixed.meta)
+
+
+def test_fingerprint_knows_the_same_checkpoint_in_another_dtype():
+    """Statistics of a float32 model fit its bf16 or fp16 load (the exact casts of its weights), and
+    not another checkpoint of the same shapes; a bf16 file is compared with a float32 model cast down."""
+    from crispedit.curvature import check_fingerprint, weights_fingerprint
+
+    model = tiny_hf("llama", layers=2, dtype=torch.float32)
+    modules = find_modules(model, [1])
+    stats = collect(model, modules, DOCS[:2], labels="empirical")
+    assert set(stats.meta["weights_sha256"]) == {"float32", "bfloat16", "float16"}
+    for dtype in (torch.bfloat16, torch.float16):
+        half = tiny_hf("llama", layers=2, dtype=torch.float32).to(dtype)
+        check_fingerprint(stats, find_modules(half, [1]))
+    other = tiny_hf("llama", layers=2, dtype=torch.float32, seed=7)
+    with pytest.raises(StatisticsError, match="another checkpoint"):
+        check_fingerprint(stats, find_modules(other, [1]))
+    half = tiny_hf("llama", layers=2, dtype=torch.float32).to(torch.bfloat16)
+    from_half = collect(half, find_modules(half, [1]), DOCS[:2], labels="empirical")
+    assert set(from_half.meta["weights_sha256"]) == {"bfloat16", "float16"}  # and what a fp16 load of it would be
+    check_fingerprint(from_half, modules)  # the float32 model, cast down to bf16, is that checkpoint
+    assert weights_fingerprint(modules)["bfloat16"] == from_half.meta["weights_sha256"]["bfloat16"]
