@@ -51,6 +51,9 @@ EXACT_LIMIT = 2_000_000
 # its corpus fingerprint as three 16-bit integers (exact in float32; a count over 2**24 is compared
 # after the same rounding on both sides).
 RECORD = 4
+# sampled/empirical labels: positions whose float32 probabilities (softmax, cumulative sum) exist at
+# once; the batch-wide vocabulary-sized arrays are the logits and the backward vector (model dtype).
+SLICE_POSITIONS = 512
 
 class StatisticsError(ValueError):
     """Statistics that cannot be computed, saved, loaded or merged as asked."""
@@ -332,31 +335,47 @@ def _probs(logits: Tensor) -> Tensor:
     return torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), -1)
 
 
-def _sampled_batch(hooks: KFACHooks, forward: Forward, ids, attn, rows, u: Tensor | None, k: int) -> None:
+def _sampled_batch(hooks: KFACHooks, forward: Forward, ids, attn, rows, u: Tensor | None, k: int,
+                   slice_positions: int = SLICE_POSITIONS) -> None:
     """``sampled`` (``u`` given, ``k`` draws) or ``empirical`` (``u is None``) for one batch.
 
-    The backward vector at the logits is ``p − e_y`` at labelled positions and 0 elsewhere; it is
-    built in place on the full ``[B, T, V]`` softmax (vocabulary-sized copies dominate otherwise).
+    The backward vector at the logits is ``p − e_y`` at labelled positions and 0 elsewhere, in the
+    logits' dtype. Nothing of vocabulary size in float32 spans the batch: ``p = softmax`` and its
+    cumulative sum exist for ``slice_positions`` positions at a time (the draws of a slice, then its
+    rows of the backward vector); the batch-wide arrays are the logits and the backward vector, both in
+    the model's dtype. Each row is computed exactly as on the whole batch (softmax, cumsum and the
+    inverse-CDF draw are per position), so the labels and the vector do not depend on the slicing.
     """
     hooks.rows, hooks.collect_a = rows, True
     with torch.enable_grad():
         logits = forward(ids, attn)
+    B, T, V = logits.shape
     with torch.no_grad():
-        p = _probs(logits.detach())
+        flat = logits.detach().reshape(B * T, V)
+        keep = rows.reshape(B * T, 1)
+        slices = [slice(lo, lo + slice_positions) for lo in range(0, B * T, slice_positions)]
         if u is None:
-            draws = [torch.roll(ids, -1, dims=1)]  # observed next token
+            draws = torch.roll(ids, -1, dims=1).reshape(1, B * T)  # observed next token
         else:
-            cdf = p.cumsum(-1)
-            draws = [_inverse_cdf(cdf, u[j]) for j in range(k)]
-            del cdf
+            draws = torch.empty(k, B * T, dtype=torch.long, device=flat.device)
+            uniforms = u.reshape(k, B * T)
+            for s in slices:
+                cdf = _probs(flat[s]).cumsum(-1)
+                for j in range(k):
+                    draws[j, s] = _inverse_cdf(cdf, uniforms[j, s])
+                del cdf
         hooks.g_scale = 1.0 / len(draws)
-        keep = rows.unsqueeze(-1).to(p.dtype)
+        v = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+        rows_of_v = v.view(B * T, V)
         for j, y in enumerate(draws):
-            last = j == len(draws) - 1
-            v = p if last else p.clone()
-            v.mul_(keep).scatter_add_(-1, y.unsqueeze(-1), -keep)
+            for s in slices:
+                p = _probs(flat[s])
+                mask = keep[s].to(p.dtype)
+                p.mul_(mask).scatter_add_(-1, y[s].unsqueeze(-1), -mask)
+                rows_of_v[s] = p
+                del p
             with torch.enable_grad():
-                logits.backward(v.to(logits.dtype), retain_graph=not last)
+                logits.backward(v, retain_graph=j < len(draws) - 1)
 
 
 def _inverse_cdf(cdf: Tensor, u: Tensor) -> Tensor:

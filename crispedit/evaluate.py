@@ -14,14 +14,28 @@ from torch import Tensor, nn
 from .running import hf_forward, input_device, pad_batch, pad_id, swapped_weights
 
 
+# text_drift: positions whose float32 log-probabilities exist at once (at most three such arrays:
+# the edited model's, the base's and their difference)
+DRIFT_POSITIONS = 512
+
+
+def _log_probs(logits: Tensor) -> Tensor:
+    return torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), -1)
+
+
 @torch.no_grad()
 def text_drift(model: nn.Module, documents: Sequence[Sequence[int]], base_weights: dict[str, Tensor] | None = None,
-               base_model: nn.Module | None = None, batch_size: int = 8, forward: Callable | None = None) -> dict:
+               base_model: nn.Module | None = None, batch_size: int = 8, forward: Callable | None = None,
+               max_positions: int = DRIFT_POSITIONS) -> dict:
     """Over every next-token position of ``documents``: perplexity of ``model`` and, when a base is
     given (``model`` with ``base_weights`` swapped in, or ``base_model``), the base's perplexity
     and the mean per-token ``KL(p_base ‖ p_model)`` in nats; ``documents`` and ``tokens`` (the
-    next-token positions scored) say what it was measured on. Batch by batch: nothing of
-    vocabulary size is kept between batches."""
+    next-token positions scored) say what it was measured on.
+
+    Batch by batch, and within a batch ``max_positions`` positions at a time: the logits of a batch
+    (``[B, T, V]`` in the model's dtype, the model's and the base's) are the only vocabulary-sized
+    arrays that span it; the float32 log-probabilities ``log q``, ``log p`` and ``log p − log q``
+    exist for one slice of positions at a time. Nothing of vocabulary size is kept between batches."""
     forward = forward or hf_forward(model)
     device = input_device(model)
     has_base = bool(base_weights) or base_model is not None
@@ -30,23 +44,30 @@ def text_drift(model: nn.Module, documents: Sequence[Sequence[int]], base_weight
     for lo in range(0, len(documents), batch_size):
         docs = documents[lo : lo + batch_size]
         ids, attn, rows = pad_batch(docs, [range(len(d) - 1) for d in docs], device)
-        nxt = torch.roll(ids, -1, dims=1).unsqueeze(-1)
-
-        def logprobs(fw):
-            logits = fw(ids, attn)
-            return torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), -1)
-
-        lq = logprobs(forward)
-        nll -= float(lq.gather(-1, nxt).squeeze(-1)[rows].double().sum())
-        count += int(rows.sum())
+        q = forward(ids, attn)
+        p = None
         if has_base:
             if base_model is not None:
-                lp = logprobs(hf_forward(base_model))
+                p = hf_forward(base_model)(ids, attn)
             else:
                 with swapped_weights(model, base_weights):
-                    lp = logprobs(forward)
-            nll_base -= float(lp.gather(-1, nxt).squeeze(-1)[rows].double().sum())
-            kl += float((lp.exp() * (lp - lq)).sum(-1)[rows].double().sum())
+                    p = forward(ids, attn)
+        V = q.shape[-1]
+        q = q.reshape(-1, V)
+        p = p.reshape(-1, V) if p is not None else None
+        nxt = torch.roll(ids, -1, dims=1).reshape(-1, 1)
+        keep = rows.reshape(-1)
+        for s in (slice(i, i + max_positions) for i in range(0, keep.numel(), max_positions)):
+            lq = _log_probs(q[s])
+            nll -= float(lq.gather(-1, nxt[s]).squeeze(-1)[keep[s]].double().sum())
+            if p is not None:
+                lp = _log_probs(p[s])
+                nll_base -= float(lp.gather(-1, nxt[s]).squeeze(-1)[keep[s]].double().sum())
+                diff = lp - lq
+                del lq
+                kl += float(lp.exp_().mul_(diff).sum(-1)[keep[s]].double().sum())  # Σ p (log p − log q)
+                del lp, diff
+        count += int(rows.sum())
     out = {"perplexity": math.exp(nll / count), "documents": len(documents), "tokens": count}
     if has_base:
         out.update(perplexity_base=math.exp(nll_base / count), kl=kl / count)

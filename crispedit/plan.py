@@ -1,0 +1,420 @@
+"""What an edit will cost before it runs, from the model's configuration alone (``crispedit plan``).
+
+The model is built on the ``meta`` device (shapes, no weights), the edited matrices are found as
+``edit`` finds them, and every tensor an edit holds is counted from its shape and dtype:
+
+- **state** (alive from the session's start to the end of the evaluation): the eigenvectors of
+  ``A`` and ``G`` (in the masters' precision; the capability eigenbases and the projectors share
+  them in a batch edit), their eigenvalues (float64), the projectors' staircases, the float32
+  masters of a bf16/fp16 model, Adam's two moments and the session's copy of the base weights;
+- **phases**, each a peak above the state alive then: the statistics pass (K-FAC sums of a corpus),
+  an edit step (forward and backward of one mini-batch, then the projection and Adam's step), the
+  drift report after the edit, and the evaluation (held-out KL, teacher-forced and generated
+  answers).
+
+Exact counts: the state, the K-FAC sums and every vocabulary-sized array crispedit itself makes.
+Estimates: the activations autograd saves inside the model (a LLaMA-style block: RMSNorm inputs in
+float32, queries, keys and values at every query head and the attention output, the three
+``intermediate``-wide tensors of a SwiGLU MLP; other architectures are counted with the same
+formula) and the lengths of requests and documents (``ASSUMED``). Bytes are counted, not measured:
+the CUDA context, cuBLAS workspaces and the allocator's fragmentation come on top.
+
+Flops per optimiser step: ``6 · parameters · tokens`` for the forward and backward of a mini-batch
+(the usual count; with frozen weights the backward is cheaper, see ``frozen_backward``) plus the
+projection of every edited gradient (``projector.projection_flops``), with the removed ranks
+``r_A``, ``r_G`` estimated from gamma (``REMOVED_FRACTIONS``). The ledger: what
+``ledger.save`` writes (``base.safetensors`` once, a state file per chunk, optional snapshots).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from .model import ModelError, load_config, resolve_dtype
+
+# Lengths the plan assumes (tokens after the tokenizer, BOS included).
+ASSUMED = {
+    "batch_size": 32,  # requests per mini-batch (MethodOptions.batch_size)
+    # CounterFact prompt + " " + target: 40 characters on average, 63 for the longest of a batch of 32
+    # (the first 3,000 records of counterfact-edit-8k); ~4 characters per LLaMA-3 token, plus BOS,
+    # rounded up: a padded mini-batch is 32 × 20 tokens.
+    "edit_tokens": 20,
+    "statistics_documents": 8,  # documents per forward pass of the statistics (collect's batch_size)
+    "document_tokens": 512,  # --max-length: capability and held-out documents, padded to the longest
+    "eval_batch": 64,  # prompts per generation / teacher-forced batch (evaluate's batch_size)
+    "prompt_tokens": 20,  # an evaluation prompt (rephrases and neighbours are a little longer than prompts)
+    "new_tokens": 50,  # evaluate.MAX_NEW_TOKENS
+    "drift_documents": 8,  # documents per forward pass of text_drift
+    "epochs": 25,  # the most epochs of a chunk (MethodOptions.epochs)
+    "corpus_documents": 100,  # capability documents whose token ids a ledger keeps (--max-documents)
+}
+
+# r_A / d_in and r_G / d_out (the corner of removed coordinates) per gamma, measured on the
+# stories260K and demo models' statistics (benchmarks/results/projection.json, "fractions"); the
+# plan takes the larger of the two and interpolates linearly in gamma (0 removes nothing).
+REMOVED_FRACTIONS = {
+    "stories260K": {0.5: (0.3313953488372093, 1.0), 0.8: (0.8023255813953488, 1.0), 0.9: (0.9767441860465116, 1.0),
+                    0.99: (1.0, 1.0)},
+    "demo": {0.5: (0.08854166666666667, 0.6015625), 0.8: (0.3619791666666667, 1.0), 0.9: (0.6432291666666666, 1.0),
+             0.99: (1.0, 1.0)},
+}
+
+GB = 1e9
+
+
+# ---------------------------------------------------------------------------------------------
+# the model, from its configuration
+
+
+def read_config(model: str):
+    """The configuration of a hub id, a model directory or a ``config.json`` file (nothing else is read)."""
+    path = Path(model).expanduser()
+    if path.is_file():
+        from transformers import AutoConfig
+
+        try:
+            data = json.loads(path.read_text())
+            return AutoConfig.for_model(data.pop("model_type"), **data)
+        except (OSError, ValueError, KeyError) as e:
+            raise ModelError(f"--model {model}: not a model configuration ({e})") from None
+    return load_config(model)
+
+
+def meta_model(config, dtype):
+    """The model with every tensor on the ``meta`` device: shapes and dtypes, no memory, no weights."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+def _dims(config, model) -> dict:
+    """Widths the activation estimate needs, from the configuration (GPT-2 names as a fallback)."""
+    def get(*keys, default=None):
+        return next((getattr(config, k) for k in keys if getattr(config, k, None)), default)
+
+    hidden = get("hidden_size", "n_embd", "d_model")
+    heads = get("num_attention_heads", "n_head")
+    out = model.get_output_embeddings()
+    return {
+        "hidden": hidden,
+        "intermediate": get("intermediate_size", "n_inner", "ffn_dim", default=4 * hidden),
+        "layers": get("num_hidden_layers", "n_layer"),
+        "heads": heads,
+        "kv_heads": get("num_key_value_heads", default=heads),
+        "head_dim": get("head_dim", default=hidden // heads),
+        "vocab": out.weight.shape[0] if out is not None else config.vocab_size,
+    }
+
+
+def _block_index(name: str, prefix: str) -> int | None:
+    if not name.startswith(prefix + "."):
+        return None
+    head = name[len(prefix) + 1 :].split(".", 1)[0]
+    return int(head) if head.isdigit() else None
+
+
+# ---------------------------------------------------------------------------------------------
+# counting
+
+
+def _sizes(dtype) -> tuple[int, int, int]:
+    """Bytes per element of the weights, the masters (and eigenvectors, Adam) and ΔW."""
+    import torch
+
+    from .editor import master_dtype
+    from .saving import delta_dtype
+
+    item = lambda dt: torch.empty((), dtype=dt).element_size()  # noqa: E731
+    return item(dtype), item(master_dtype(dtype)), item(delta_dtype(dtype))
+
+
+def _fractions(gamma: float) -> tuple[float, float]:
+    """``(r_A/d_in, r_G/d_out)`` at ``gamma``: the larger of the measured models, linear in gamma."""
+    best = (0.0, 0.0)
+    for table in REMOVED_FRACTIONS.values():
+        points = [(0.0, (0.0, 0.0))] + sorted(table.items())
+        if gamma >= points[-1][0]:
+            f = points[-1][1]
+        else:
+            (g0, f0), (g1, f1) = next((a, b) for a, b in zip(points, points[1:]) if a[0] <= gamma <= b[0])
+            t = (gamma - g0) / (g1 - g0)
+            f = tuple(x0 + t * (x1 - x0) for x0, x1 in zip(f0, f1))
+        best = (max(best[0], f[0]), max(best[1], f[1]))
+    return best
+
+
+def _moment(parts: dict[str, int]) -> dict:
+    return {"parts": parts, "bytes": sum(parts.values())}
+
+
+def _phase(state: int, moments: dict[str, dict[str, int]], note: str) -> dict:
+    """A phase: its transient moments (parts alive at once) over the state alive then."""
+    ms = {k: _moment(v) for k, v in moments.items()}
+    worst = max(ms, key=lambda k: ms[k]["bytes"])
+    return {"state": state, "moments": ms, "worst": worst, "peak": state + ms[worst]["bytes"], "note": note}
+
+
+def plan(model: str, layers: str = "auto", module: str | None = None, dtype: str = "bfloat16", requests: int = 3000,
+         gamma: float = 0.8, *, device: str = "cuda", assumed: dict | None = None) -> dict:
+    """Memory per part and per phase, flops per optimiser step and ledger sizes of editing ``model``
+    (see the module docstring). ``device``: ``cuda`` (foreach Adam, host memory apart) or ``cpu``
+    (one-tensor-at-a-time Adam; host and device are the same memory). ``assumed`` overrides
+    entries of ``ASSUMED``. Bytes throughout; nothing is downloaded but a hub id's configuration."""
+    import torch
+
+    from .curvature import SLICE_POSITIONS
+    from .evaluate import DRIFT_POSITIONS
+    from .layers import MLP_OUTPUT, decoder_blocks, find_modules, parse_layers, weight_shape
+    from .projector import EIGH_FLOAT64_MAX_DIM, projection_flops
+
+    def eigh_bytes(n: int) -> int:  # eigh_factor: float64 up to EIGH_FLOAT64_MAX_DIM rows, float32 above
+        return 8 if n <= EIGH_FLOAT64_MAX_DIM else 4
+
+    a = {**ASSUMED, **(assumed or {})}
+    if not 0.0 <= gamma < 1.0:
+        raise ModelError(f"--gamma must lie in [0, 1), got {gamma}")
+    config = read_config(model)
+    torch_dtype = resolve_dtype(dtype)
+    net = meta_model(config, torch_dtype)
+    modules = find_modules(net, parse_layers(layers), module)
+    shapes = {n: weight_shape(m) for n, m in modules.items()}
+    d = _dims(config, net)
+    b, m, bd = _sizes(torch_dtype)  # weights, masters/eigenvectors/Adam, ΔW
+    V, h, I, L = d["vocab"], d["hidden"], d["intermediate"], d["layers"]
+    params = sum(p.numel() for p in net.parameters())
+    model_bytes = sum(p.numel() * p.element_size() for p in net.parameters()) + \
+        sum(x.numel() * x.element_size() for x in net.buffers())
+    W = sum(o * i for o, i in shapes.values())  # edited weights, elements
+    biggest = max(o * i for o, i in shapes.values())
+    factors = sum(i * i + o * o for o, i in shapes.values())  # elements of all A and G
+    prefix, _ = decoder_blocks(net)
+    first = min((_block_index(n, prefix) for n in modules if _block_index(n, prefix) is not None), default=0)
+    mlp_output = module is None or module == MLP_OUTPUT.get(config.model_type)
+
+    # --- the state: alive from the session's start to the end of the evaluation
+    state = {
+        "eigenvectors": factors * m,  # U_A, U_G per matrix; cap_eig and the projectors share them in a batch edit
+        "eigenvalues": sum(n * eigh_bytes(n) for o, i in shapes.values() for n in (i, o)),  # in eigh's dtype
+        "projector_staircases": sum(i for o, i in shapes.values()) * 8,  # removed rows per column, int64
+        "masters": W * 4 if b < 4 else 0,  # float32 copies of bf16/fp16 weights (else the weight is its own)
+        "adam_moments": 2 * W * m,  # exp_avg, exp_avg_sq in the masters' dtype
+        "base_copy": W * b,  # session.base (the evaluation's base weights are the same tensors)
+    }
+    state_bytes = sum(state.values())
+
+    # --- activations autograd saves, per token (estimate: a LLaMA-style block)
+    block = 2 * h * 4 + 4 * d["heads"] * d["head_dim"] * b + 3 * I * b
+    full_blocks = L - first - (1 if mlp_output else 0)  # blocks after the first edited one (and it, for another module)
+    edited_inputs = sum(i for o, i in shapes.values()) * b  # each edited matrix's input, for its weight gradient
+    path = full_blocks * block + h * 4  # + the final norm's float32 input
+    scratch_per_token = 3 * I * b + 3 * h * 4  # a no-grad forward: the MLP's widest moment, norms in float32
+    logits_f32 = max(4, b)
+
+    # --- statistics pass (collect: capability corpus, or an edited chunk's texts when it is flushed)
+    Ns = a["statistics_documents"] * a["document_tokens"]
+    sums = factors * 4  # K-FAC sums, float32, on the edited matrices' device
+    stats_phase = _phase(0, {
+        "batch": {"sums": sums, "activations": Ns * path, "logits": Ns * V * b, "backward_vector": Ns * V * b,
+                  "probability_slices": 2 * min(SLICE_POSITIONS, Ns) * V * 4,
+                  "backward_scratch": Ns * scratch_per_token},  # a block's gradients on the way back
+        "normalising": {"sums": sums, "normalised_copy": sums},  # collect returns A_sum / N, G_sum / N as new tensors
+    }, f"{a['statistics_documents']} documents × {a['document_tokens']} tokens per forward; nothing of the edit alive")
+
+    # --- the session's start: the capability eigendecompositions, on the edited matrices' device, in
+    # float64 up to EIGH_FLOAT64_MAX_DIM rows (float32 above, then checked); the largest factor's moment,
+    # with every other eigenbasis and the base copy already there (the masters come after)
+    n_big = max(n for o, i in shapes.values() for n in (i, o))
+    e = eigh_bytes(n_big)
+    # the symmetrised copy, the vectors and LAPACK's 2n² workspace (estimate: dsyevd's); float32 adds the check
+    eigh_scratch = (4 * e if e == 8 else 5 * e) * n_big * n_big
+    eig_phase = _phase(state["base_copy"] + state["eigenvectors"] + state["eigenvalues"] - n_big * n_big * m, {
+        "eigh": {"factor": 4 * n_big * n_big, "eigh_scratch": eigh_scratch},
+    }, f"the largest factor ({n_big} rows) in {'float64' if e == 8 else 'float32'}; before the masters")
+
+    # --- the projectors' build before the first step (energy_threshold: every product alpha_i beta_j in
+    # float64, sorted with its int64 indices, cumulated; then the removed ones): no Adam moments yet
+    build_phase = _phase(state_bytes - state["adam_moments"], {
+        "energy_rule": {"products_sorted_cumulated": 4 * biggest * 8 + biggest},
+    }, "one matrix's d_out·d_in eigenvalue products at a time; before the first step")
+
+    # --- an edit step
+    Ne = a["batch_size"] * a["edit_tokens"]
+    adam_scratch = W * m if device == "cuda" else 2 * biggest * m  # foreach sqrt of every exp_avg_sq / one tensor's
+    # editor.GradientFactors keeps each edited matrix's inputs and output gradients until the next forward
+    gradient_factors = Ne * sum(i + o for o, i in shapes.values()) * b
+    step_phase = _phase(state_bytes, {
+        "forward_backward": {"activations": Ne * (path + edited_inputs),
+                             # the log-softmax backward: its output, the incoming and the outgoing gradient
+                             "loss_logits": 3 * Ne * V * logits_f32,
+                             "backward_scratch": Ne * scratch_per_token, "gradient_factors": gradient_factors},
+        # one matrix's upcast gradient and two products of the projection
+        "projection": {"master_gradients": W * m, "projection_scratch": 3 * biggest * m,
+                       "gradient_factors": gradient_factors},
+        "adam_step": {"master_gradients": W * m, "adam_scratch": adam_scratch, "gradient_factors": gradient_factors},
+    }, f"{a['batch_size']} requests × {a['edit_tokens']} tokens per mini-batch")
+
+    # --- the drift report after the edit (session.drift: deltas, float64 copies, float32 rotations)
+    drift_phase = _phase(state_bytes, {
+        "report": {"deltas": W * bd, "float64_copies": 3 * biggest * 8, "rotations": 4 * biggest * 4},
+    }, "ΔW of every matrix in the delta dtype; one matrix's ΔW, W₀ and ΔW − PΔW in float64, its rotations")
+
+    # --- the evaluation (after the edit; before it the Adam moments do not exist yet)
+    Nd = a["drift_documents"] * a["document_tokens"]
+    Nt = a["eval_batch"] * a["prompt_tokens"]
+    kv = a["eval_batch"] * (a["prompt_tokens"] + a["new_tokens"]) * L * 2 * d["kv_heads"] * d["head_dim"] * b
+    eval_phase = _phase(state_bytes, {
+        "text_drift_forward": {"logits": Nd * V * b, "forward_scratch": Nd * scratch_per_token,
+                               "base_logits": Nd * V * b},
+        "text_drift_slices": {"logits": 2 * Nd * V * b, "log_probability_slices": 3 * min(DRIFT_POSITIONS, Nd) * V * 4},
+        "teacher_forced": {"logits": Nt * V * b, "forward_scratch": Nt * scratch_per_token},
+        "generation": {"kv_cache": kv, "last_logits": 2 * a["eval_batch"] * V * 4,
+                       "forward_scratch": a["eval_batch"] * a["prompt_tokens"] * scratch_per_token},
+    }, f"held-out KL: {a['drift_documents']} documents × {a['document_tokens']} tokens; answers: batches of "
+       f"{a['eval_batch']} prompts of {a['prompt_tokens']} tokens, {a['new_tokens']} new tokens")
+
+    phases = {"statistics": stats_phase, "eigendecomposition": eig_phase, "projector_build": build_phase,
+              "edit_step": step_phase,
+              "drift_report": drift_phase, "evaluation": eval_phase}
+    peak = max(phases, key=lambda k: phases[k]["peak"])
+
+    # host memory (the CPU's RAM): what lives there during a GPU run
+    host = {
+        "statistics_sums": sums,  # the session's raw sums per protected source (capability here)
+        "statistics_as_loaded": sums,  # --curvature: the file's factors, held by the caller
+    }
+    # chunked editing (--chunk-size, several request files, --resume): what a batch edit does not hold
+    chunked = {
+        "protected_eigenvectors": factors * m,  # after the first chunk: the merged factors' eigenbases beside cap_eig
+        "rebuild_transient": factors * m,  # the old projectors' eigenbases while the new ones are built
+        "edit_statistics_pass": 2 * sums,  # flush: the edits' sums and collect's normalised copy, over the state
+        "ledger_deltas": W * bd,  # ledger.save: session.deltas() on the device
+    }
+
+    # --- flops per optimiser step
+    fr_A, fr_G = _fractions(gamma)
+    proj = {}
+    for n, (o, i) in shapes.items():
+        r_A, r_G = round(fr_A * i), round(fr_G * o)
+        f = projection_flops(o, i, r_G, r_A)
+        proj[n] = {"r_A": r_A, "r_G": r_G, "form": "dense" if f["dense"] <= f["corner"] else "corner",
+                   "flops": min(f["dense"], f["corner"])}
+    embeddings = {id(mod.weight) for mod in net.modules() if isinstance(mod, torch.nn.Embedding)}
+    output = net.get_output_embeddings()
+    path_params = 0  # parameters the backward passes through: blocks from the first edited one, norm, head
+    for n, p in net.named_parameters():
+        k = _block_index(n, prefix)
+        on = k >= first if k is not None else (id(p) not in embeddings or (output is not None and p is output.weight))
+        path_params += p.numel() if on else 0
+    fb = 6 * params * Ne
+    steps_per_epoch = math.ceil(requests / a["batch_size"])
+    flops = {
+        "tokens_per_step": Ne,
+        "forward_backward": fb,
+        # forward, input gradients from the first edited block on, the edited weights' gradients
+        "frozen_backward": 2 * params * Ne + 2 * path_params * Ne + 2 * W * Ne,
+        "projection": sum(p["flops"] for p in proj.values()),
+        "projection_per_matrix": proj,
+        "removed_fractions": {"r_A/d_in": fr_A, "r_G/d_out": fr_G, "estimate": True},
+        "per_step": fb + sum(p["flops"] for p in proj.values()),
+        "steps_per_epoch": steps_per_epoch,
+        "max_steps": steps_per_epoch * a["epochs"],
+    }
+
+    # --- the ledger on disk
+    state_file = {"delta": W * bd, "edit_sums": sums, "masters": state["masters"],
+                  "adam_moments": state["adam_moments"]}
+    if bd == b:  # a float64 model: the weights themselves are kept too
+        state_file["weights"] = W * b
+    ledger = {
+        "base": {"capability_sums": sums, "corpus_ids": a["corpus_documents"] * a["document_tokens"] * 8},
+        "per_chunk_state": state_file,
+        "delta_file": W * bd,
+        "snapshot_per_chunk": sum(state_file.values()),
+        "snapshots_by_default": sum(state_file.values()) < (256 << 20),
+    }
+    ledger["total_one_chunk"] = sum(ledger["base"].values()) + sum(state_file.values()) + ledger["delta_file"]
+
+    return {
+        "model": model, "model_type": config.model_type, "dtype": dtype, "device": device, "parameters": params,
+        "dims": d, "modules": {n: list(s) for n, s in shapes.items()}, "requests": requests, "gamma": gamma,
+        "assumed": a, "slice_positions": {"statistics": SLICE_POSITIONS, "text_drift": DRIFT_POSITIONS},
+        "memory": {
+            "model_weights": model_bytes,
+            "state": state, "state_total": state_bytes,
+            "phases": phases, "peak_phase": peak, "peak_beyond_model": phases[peak]["peak"],
+            # a batch edit from a curvature file: every phase but the statistics pass
+            "peak_edit_run": max(v["peak"] for k, v in phases.items() if k != "statistics"),
+            "host": host, "chunked_extra": chunked,
+            # edit --corpus (instead of --curvature): run_edit keeps collect's factors (A_sum/N, G_sum/N) on
+            # the device for the whole run, on top of the state
+            "corpus_extra": {"statistics_kept_by_run_edit": sums},
+        },
+        "flops": flops,
+        "ledger": ledger,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# printing
+
+
+def _units(model_bytes: int) -> tuple[float, str]:
+    """GB (10⁹ bytes) for real models, MB for the small ones."""
+    return (GB, "GB") if model_bytes >= GB else (1e6, "MB")
+
+
+def print_plan(result: dict) -> None:
+    """The plan as tables: memory per part and phase, flops, ledger."""
+    r, mem = result, result["memory"]
+    scale, unit = _units(mem["model_weights"])
+    num = lambda x: f"{x / scale:8.3f}"  # noqa: E731
+    listed = lambda parts: ", ".join(f"{k.replace('_', ' ')} {v / scale:.3f}" for k, v in parts.items())  # noqa: E731
+    names = list(r["modules"])
+    shape = " / ".join(sorted({f"{o}×{i}" for o, i in r["modules"].values()}))
+    print(f"plan for {r['model']} ({r['model_type']}, {r['dtype']}, {r['parameters'] / 1e9:.3g} B parameters): "
+          f"{len(names)} matrices {shape}")
+    for n in names:
+        print(f"  {n}")
+    print(f"\nmemory in {unit} (10^{9 if unit == 'GB' else 6} bytes) on the {r['device']}, counted from shapes "
+          "(activations estimated; the CUDA context and fragmentation come on top)")
+    print(f"  {'model weights':<34}{num(mem['model_weights'])}")
+    print("  edit state (from the session's start to the end of the evaluation)")
+    for k, v in mem["state"].items():
+        print(f"    {k.replace('_', ' '):<32}{num(v)}")
+    print(f"    {'total':<32}{num(mem['state_total'])}")
+    print("  peaks beyond the model weights (the state alive then + the phase's largest moment, marked *)")
+    for name, ph in mem["phases"].items():
+        print(f"    {name.replace('_', ' '):<32}{num(ph['peak'])}   ({ph['note']})")
+        for mname, mo in ph["moments"].items():
+            mark = "*" if mname == ph["worst"] else " "
+            print(f"      {mark}{mname.replace('_', ' '):<29}{num(mo['bytes'])}   {listed(mo['parts'])}")
+    run, worst = mem["peak_edit_run"], mem["peak_phase"].replace("_", " ")
+    print(f"  {'edit run with --curvature':<34}{num(run)}   beyond the model; "
+          f"{num(run + mem['model_weights']).strip()} with it")
+    print(f"  {'with the statistics pass':<34}{num(mem['peak_beyond_model'])}   ({worst}; edit --corpus also keeps "
+          f"{mem['corpus_extra']['statistics_kept_by_run_edit'] / scale:.3f} of collect's factors on the device)")
+    print(f"  chunked editing adds (not in a batch edit): {listed(mem['chunked_extra'])}")
+    print(f"  host memory: {listed(mem['host'])}")
+    f = r["flops"]
+    fr = f["removed_fractions"]
+    print(f"\nflops per optimiser step ({f['tokens_per_step']} tokens: {r['assumed']['batch_size']} requests × "
+          f"{r['assumed']['edit_tokens']} tokens, assumed)")
+    print(f"  forward + backward (6 · params · tokens)  {f['forward_backward']:.3e}"
+          f"   (frozen weights: {f['frozen_backward']:.3e})")
+    print(f"  projection (estimate: r_A/d_in {fr['r_A/d_in']:.2f}, r_G/d_out {fr['r_G/d_out']:.2f} at gamma "
+          f"{r['gamma']:g})  {f['projection']:.3e}")
+    print(f"  per step                                  {f['per_step']:.3e}")
+    print(f"  {r['requests']} requests: {f['steps_per_epoch']} steps per epoch, at most {f['max_steps']} steps")
+    lg = r["ledger"]
+    print(f"\nledger on disk, {unit}")
+    print(f"  base.safetensors (once): {listed(lg['base'])}")
+    print(f"  state per chunk:         {listed(lg['per_chunk_state'])}")
+    print(f"  delta.safetensors:       {lg['delta_file'] / scale:.3f}")
+    kept = ("kept every chunk by default" if lg["snapshots_by_default"]
+            else "none by default (over 256 MiB): --snapshot-every K")
+    print(f"  snapshot per chunk:      {lg['snapshot_per_chunk'] / scale:.3f} ({kept})")
+    print(f"  after one chunk:         {lg['total_one_chunk'] / scale:.3f}")
