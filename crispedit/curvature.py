@@ -491,17 +491,44 @@ def check_matches(stats: KFACStatistics, modules: dict[str, nn.Module], source: 
             )
 
 
-def weights_fingerprint(modules: dict[str, nn.Module]) -> str:
-    """SHA-256 of the edited matrices the statistics were taken at (``saving.weights_hash``)."""
+FINGERPRINT_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)  # widest first
+
+
+def weights_fingerprint(modules: dict[str, nn.Module]) -> dict[str, str]:
+    """SHA-256 of the edited matrices the statistics were taken at (``saving.weights_hash``), in their
+    own dtype and cast to every narrower one: a float32 checkpoint loaded in bf16 or fp16 later is the
+    same checkpoint (its weights are exactly those casts), another fine-tune of the same shapes is not."""
     from .saving import weights_hash
 
-    return weights_hash({n: m.weight for n, m in modules.items()})
+    own = next(iter(modules.values())).weight.dtype
+    narrower = FINGERPRINT_DTYPES[FINGERPRINT_DTYPES.index(own):] if own in FINGERPRINT_DTYPES else (own,)
+    return {str(dt).removeprefix("torch."): weights_hash({n: m.weight.to(dt) for n, m in modules.items()})
+            for dt in narrower}
+
+
+def same_weights(recorded: dict | str | None, modules: dict[str, nn.Module]) -> bool:
+    """Whether ``modules`` are the weights a fingerprint was recorded at, compared in the narrower of
+    the two dtypes (a fingerprint without dtypes, from an older file, is compared as it is)."""
+    from .saving import weights_hash
+
+    if not recorded:
+        return True
+    own = next(iter(modules.values())).weight.dtype
+    if isinstance(recorded, str):
+        return recorded == weights_hash({n: m.weight for n, m in modules.items()})
+    name = str(own).removeprefix("torch.")
+    if name in recorded:
+        return recorded[name] == weights_hash({n: m.weight for n, m in modules.items()})
+    for dt in FINGERPRINT_DTYPES:  # the statistics came from a narrower dtype: cast the model's weights down
+        key = str(dt).removeprefix("torch.")
+        if key in recorded:
+            return recorded[key] == weights_hash({n: m.weight.to(dt) for n, m in modules.items()})
+    return False
 
 
 def check_fingerprint(stats: KFACStatistics, modules: dict[str, nn.Module], source: str = "--curvature") -> None:
     """Refuse statistics taken on another checkpoint of the same shapes (another fine-tune, say)."""
-    recorded = stats.meta.get("weights_sha256")
-    if recorded and recorded != weights_fingerprint(modules):
+    if not same_weights(stats.meta.get("weights_sha256"), modules):
         raise StatisticsError(f"{source}: computed on other weights of these matrices ({stats.meta.get('model')}; "
                               "another checkpoint of the same shapes?); pass --allow-other-checkpoint to use it anyway")
 
@@ -515,7 +542,10 @@ def merge(a: KFACStatistics, b: KFACStatistics, allow_mixed_labels: bool = False
         raise StatisticsError(f"cannot merge statistics of different modules: {sorted(a.A)} vs {sorted(b.A)}")
     if a.shapes() != b.shapes():
         raise StatisticsError("cannot merge statistics of different shapes (another model?)")
-    if a.meta.get("weights_sha256") and b.meta.get("weights_sha256") and a.meta["weights_sha256"] != b.meta["weights_sha256"]:
+    fa, fb = a.meta.get("weights_sha256"), b.meta.get("weights_sha256")
+    fa, fb = ({"?": fa} if isinstance(fa, str) else fa), ({"?": fb} if isinstance(fb, str) else fb)
+    common = set(fa or {}) & set(fb or {})
+    if fa and fb and (not common or any(fa[k] != fb[k] for k in common)):
         raise StatisticsError(f"cannot merge statistics of two models ({a.meta.get('model')} and {b.meta.get('model')}: "
                               "the edited matrices differ)")
     if a.meta.get("corpus_fingerprint") and a.meta.get("corpus_fingerprint") == b.meta.get("corpus_fingerprint"):
