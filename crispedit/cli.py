@@ -526,6 +526,7 @@ def run_edit(o: EditOptions, given: set) -> int:
         cache = o.ledger or (str(Path(o.curvature) if Path(o.curvature).is_dir() else Path(o.curvature).parent)
                              if o.curvature else None)
         session = EditSession.start(model, tok, modules, method_options(o), stats, corpus, protect, o.progress, cache)
+        stats = None  # the session keeps what it needs (raw sums, on the CPU)
         if o.ledger:
             ledger.save(session, o.ledger, o.model, o.snapshot_every)
     # 5. what the edit is scored against, measured once on the base

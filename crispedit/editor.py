@@ -414,21 +414,26 @@ def drift_report(deltas: dict[str, Tensor], modules: dict[str, nn.Module], eig: 
                  projectors: dict[str, KroneckerProjector]) -> dict[str, dict]:
     """Per matrix and summed: ‖ΔW‖/‖W‖, the K-FAC predicted drift ½ tr(ΔWᵀ G ΔW A) with the
     capability factors (whatever the method), and the part of it outside the method's kept
-    subspace, ½ q(ΔW − P ΔW). ``modules`` hold the edited weights; the arithmetic is float64."""
+    subspace, ½ q(ΔW − P ΔW). ``modules`` hold the edited weights. One matrix at a time, in the
+    eigenvectors' precision with float64 norms and sums (no float64 copy of the matrices)."""
     rows: dict[str, dict] = {}
     sq_delta = sq_base = 0.0
     for n, m in modules.items():
         conv = is_conv1d(m)
-        D = deltas[n].double().to(m.weight.device)
-        W0 = m.weight.detach().double() - D
-        D, W0 = (D.T, W0.T) if conv else (D, W0)
         eA, eG = eig[n]
         P = projectors[n]
-        outside = 0.0 if P.is_identity else quadratic_form(D - P.project(D.to(P.dtype)).double(), eA, eG)
-        rows[n] = {"relative_change": float(D.norm() / W0.norm()), "predicted_kl": quadratic_form(D, eA, eG),
+        dtype = eA.vectors.dtype
+        D = deltas[n].to(m.weight.device, dtype)
+        D = D.T if conv else D
+        W = m.weight.detach().T if conv else m.weight.detach()
+        d2 = float(torch.linalg.vector_norm(D, dtype=torch.float64)) ** 2
+        w0 = float(torch.linalg.vector_norm(W.to(dtype) - D, dtype=torch.float64)) ** 2
+        outside = 0.0 if P.is_identity else quadratic_form(D - P.project(D), eA, eG)
+        rows[n] = {"relative_change": (d2 / w0) ** 0.5, "predicted_kl": quadratic_form(D, eA, eG),
                    "predicted_kl_outside": outside}
-        sq_delta += float(D.norm() ** 2)
-        sq_base += float(W0.norm() ** 2)
+        sq_delta += d2
+        sq_base += w0
+        del D, W
     rows["total"] = {"relative_change": (sq_delta / sq_base) ** 0.5,
                      "predicted_kl": sum(r["predicted_kl"] for r in rows.values()),
                      "predicted_kl_outside": sum(r["predicted_kl_outside"] for r in rows.values())}

@@ -387,7 +387,7 @@ def quadratic_form(X: Tensor, A: Eigen, G: Eigen, mask: Tensor | None = None) ->
     weights = torch.outer(G.values.to(dtype), A.values.to(dtype))
     if mask is not None:
         weights = weights * mask.to(dtype)
-    return 0.5 * float((weights * C * C).sum())
+    return 0.5 * float((weights * C * C).sum(dtype=torch.float64))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -87,6 +87,19 @@ class Sums:
                     self.tokens + other.tokens)
 
 
+class _LazyDeltas(dict):
+    """The cumulative ΔW of one matrix at a time (the drift report never holds them all)."""
+
+    def __init__(self, session: "EditSession"):
+        super().__init__()
+        self.session = session
+
+    def __getitem__(self, n: str) -> Tensor:
+        m = self.session.modules[n]
+        dt = delta_dtype(m.weight.dtype)
+        return m.weight.detach().to(dt) - self.session.base[n].to(dt)
+
+
 def _collect_sums(model: nn.Module, modules: dict[str, nn.Module], documents: Sequence[Sequence[int]],
                   options: MethodOptions) -> Sums:
     """K-FAC sums of ``documents`` (every position labelled) at the model's current weights."""
@@ -421,7 +434,7 @@ class EditSession:
         if self.cap_eig is None:
             return {}
         projectors = self.projectors or {n: KeepAll() for n in self.modules}
-        return drift_report(self.deltas(), self.modules, self.cap_eig, projectors)
+        return drift_report(_LazyDeltas(self), self.modules, self.cap_eig, projectors)
 
     @contextlib.contextmanager
     def at_base(self):
