@@ -358,7 +358,8 @@ def score_requests(model: nn.Module, tokenizer, requests, base: Snapshot, batch_
         per.setdefault((metric, protocol), [[] for _ in requests])[i].append(value)
 
     for kind, (_, answers, owner) in sets.items():
-        for k, i in enumerate(owner):
+        for k, i in enumerate(owner):  # the generated text itself, per request and prompt kind
+            rows[i].setdefault(f"{kind}/generated", []).append(now.generated[kind][k])
             gen_ok = float(exact_match(now.generated[kind][k], answers[k]))
             tf_acc = token_accuracy(now.argmax[kind][k], now.gold[kind][k])
             if kind == "locality":

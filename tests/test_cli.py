@@ -141,6 +141,9 @@ def test_edit_then_apply_delta_and_revert(tiny, tmp_path, requests_file, capsys)
     tags = {(m["metric"], m["protocol"], m["template"]) for m in report["after"]["metrics"]}
     assert ("reliability", "generation", "raw") in tags and ("locality_agreement", "teacher_forced", "raw") in tags
     assert "heldout_kl" in report["after"]["capability"] and "corpus_kl" in report["after"]["capability"]
+    for when in ("before", "after"):  # each request's generated answers are kept, before and after
+        row = report[when]["per_request"][0]
+        assert isinstance(row["reliability/generated"][0], str) and len(row["locality/generated"]) == 1
     assert "reliability" in stdout and "K-FAC predicted" in stdout
     edited = AutoModelForCausalLM.from_pretrained(out)
     # apply the delta to the base: the edited weights, bit for bit; revert: the base again
