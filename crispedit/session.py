@@ -351,9 +351,10 @@ class EditSession:
             self._gradient(requests, index, record)
         record["seconds"]["edit"] = time.perf_counter() - start - record["seconds"]["rebuild"]
         self.requests.extend((index, r) for r in requests)
-        if o.method not in CLOSED_FORM_METHODS and o.protect_edits == "merge":
+        protects = o.method in ("crispedit", "nullspace") and o.protect_edits != "none"  # ft has no projector
+        if protects and o.protect_edits == "merge":
             self.pending = list(requests)  # their statistics: taken before anything moves the weights again
-        if o.method not in CLOSED_FORM_METHODS and o.protect_edits != "none":
+        if protects:
             self.stale = True
         self.chunks_since_rebuild += 1
         self._maybe_refresh(f"after chunk {index + 1}")
