@@ -257,10 +257,11 @@ def plan(model: str, layers: str = "auto", module: str | None = None, dtype: str
         "adam_step": {"master_gradients": W * m, "adam_scratch": adam_scratch, "gradient_factors": gradient_factors},
     }, f"{a['batch_size']} requests × {a['edit_tokens']} tokens per mini-batch")
 
-    # --- the drift report after the edit (session.drift: deltas, float64 copies, float32 rotations)
+    # --- the drift report after the edit (session.drift: one matrix at a time, in the eigenvectors' dtype)
     drift_phase = _phase(state_bytes, {
-        "report": {"deltas": W * bd, "float64_copies": 3 * biggest * 8, "rotations": 4 * biggest * 4},
-    }, "ΔW of every matrix in the delta dtype; one matrix's ΔW, W₀ and ΔW − PΔW in float64, its rotations")
+        "report": {"delta": biggest * bd, "delta_in_eigenvector_dtype": biggest * m, "w0_temporary": biggest * m,
+                   "outside_part": biggest * m, "rotations": 2 * biggest * m},
+    }, "one matrix at a time: its ΔW (delta dtype and eigenvector dtype), W₀ − ΔW, ΔW − PΔW, two rotations")
 
     # --- the evaluation (after the edit; before it the Adam moments do not exist yet)
     Nd = a["drift_documents"] * a["document_tokens"]
