@@ -84,13 +84,7 @@ def check_out(out: str | Path, overwrite: bool = False, inputs: dict[str, object
                 raise SaveError(f"{option} {out} {rel} {name} {src}; choose an output apart from the inputs")
     if out.exists() and not out.is_dir():
         raise SaveError(f"{option} {out}: is a file, not a directory")
-    existing = out
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise SaveError(f"{option} {out}: lies under {existing}, which is a file")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise SaveError(f"{option} {out}: {existing} is not writable")
+    _check_writable(out, option)
     if out.exists() and any(out.iterdir()) and not overwrite:
         hint = "pass --overwrite to replace what crispedit wrote there" if option == "--out" else "give a new or empty directory"
         raise SaveError(f"{option} {out}: exists and is not empty; {hint}")
@@ -110,14 +104,19 @@ def check_out_file(path: str | Path, overwrite: bool = False, inputs: dict[str, 
                 raise SaveError(f"{option} {path} lies inside {name} {v}; write the report elsewhere")
     if path.exists() and not overwrite:
         raise SaveError(f"{option} {path}: exists; pass --overwrite to replace it")
-    existing = path.parent
+    _check_writable(path.parent, option, path)
+    return path
+
+
+def _check_writable(path: Path, option: str, named: Path | None = None) -> None:
+    """``path`` (or the nearest of its parents that exists) is a writable directory."""
+    existing = path
     while not existing.exists():
         existing = existing.parent
     if not existing.is_dir():
-        raise SaveError(f"{option} {path}: lies under {existing}, which is a file")
+        raise SaveError(f"{option} {named or path}: lies under {existing}, which is a file")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise SaveError(f"{option} {path}: {existing} is not writable")
-    return path
+        raise SaveError(f"{option} {named or path}: {existing} is not writable")
 
 
 def _default_mode(path: Path) -> None:
