@@ -93,18 +93,19 @@ def grid(n_small: int, n_large: int | None, all_blocks: list[int]) -> list[dict]
     return runs
 
 
-def sequential_grid(n: int, all_blocks: list[int], chunk: int = CHUNK) -> list[dict]:
-    """The chunked runs (chunks of ``chunk``)."""
+def sequential_grid(n: int, all_blocks: list[int], chunk: int = CHUNK, weight: float = DEFAULT_EDIT_WEIGHT) -> list[dict]:
+    """The chunked runs (chunks of ``chunk``; ``weight``: the edit weight of the projector methods)."""
     early = all_blocks[: max(1, len(all_blocks) // 2)]
     seq = dict(chunk_size=chunk)
+    w = dict(edit_weight=weight)
     return [
-        spec("crispedit", n, 0.8, **seq),
-        spec("crispedit", n, 0.8, protect_edits="mix", **seq),
-        spec("crispedit", n, 0.8, refresh_drift=0.25, **seq),
-        spec("crispedit", n, 0.8, budget=BUDGET, **seq),
+        spec("crispedit", n, 0.8, **seq, **w),
+        spec("crispedit", n, 0.8, protect_edits="mix", edit_weight=1.0, **seq),  # the authors': token-weighted
+        spec("crispedit", n, 0.8, refresh_drift=0.25, **seq, **w),
+        spec("crispedit", n, 0.8, budget=BUDGET, **seq, **w),
         spec("ft", n, budget=BUDGET, **seq),
         spec("ft", n, **seq),
-        spec("nullspace", n, 0.8, **seq),
+        spec("nullspace", n, 0.8, **seq, **w),
         spec("memit", n, layers=early, **seq),
         spec("alphaedit", n, layers=early, **seq),
     ]
@@ -127,7 +128,7 @@ def family(r: dict) -> str:
             name += " mix"
         if r.get("refresh_drift"):
             name += f" refresh {r['refresh_drift']:g}"
-        if r.get("edit_weight") not in (None, DEFAULT_EDIT_WEIGHT):
+        if r.get("protect_edits") != "mix" and r.get("edit_weight") not in (None, DEFAULT_EDIT_WEIGHT):
             name += f" w={r['edit_weight']:g}"
     if r.get("budget"):
         name += f" budget {r['budget']:g}"
@@ -323,6 +324,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--chunk", type=int, default=CHUNK, help="requests per chunk of the sequential runs")
+    ap.add_argument("--edit-weight", type=float, default=DEFAULT_EDIT_WEIGHT, help="edit weight of the sequential runs")
     ap.add_argument("--eval-every", type=int, default=5, help="sequential runs: score the history every K chunks")
     ap.add_argument("--eval-sample", type=int, default=500, help="sequential runs: edits scored per evaluation")
     ap.add_argument("--only", nargs="+", default=["batch", "weights", "sequential", "stories"],
@@ -364,7 +366,7 @@ def main() -> None:
         results["edit_weight"] = run_all(tb, weight_grid(tb.n_small, a.chunk), a)
         write_results(results, out)
     if "sequential" in a.only and tb.n_large:
-        seq = run_all(tb, sequential_grid(tb.n_large, tb.all_blocks, a.chunk), a)
+        seq = run_all(tb, sequential_grid(tb.n_large, tb.all_blocks, a.chunk, a.edit_weight), a)
         batch_path = run_path(tb, spec("crispedit", tb.n_large, 0.8), a)  # the batch run of the same edits, when done
         batch = [json.loads(batch_path.read_text())["row"]] if batch_path.exists() else []
         results["sequential"] = {"rows": seq, "time": time_ratio(seq, batch), "flops_8b": flops_ratio_8b(a.chunk, tb.n_large)}
@@ -391,7 +393,8 @@ def cpu_model() -> str:
 
 def time_ratio(seq: list[dict], batch: list[dict]) -> dict:
     """Sequential CrispEdit's editing time over the batch run's for the same edits (wall and CPU)."""
-    s = next((r for r in seq if family(r) == "crispedit seq"), None)
+    s = next((r for r in seq if r["method"] == "crispedit" and not (r.get("budget") or r.get("refresh_drift")
+                                                                   or r.get("protect_edits"))), None)
     b = batch[0] if batch else None
     if not s or not b:
         return {}
