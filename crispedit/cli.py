@@ -226,7 +226,7 @@ def run_curvature(o: CurvatureOptions, given: set) -> int:
                              f"--exact-limit of {o.exact_limit:,}; use --labels sampled or fewer tokens")
     ctx = init_from_env(o.device)  # None unless torchrun started more than one process
     try:
-        model, tokenizer = load_model(o.model, ctx.device if ctx else o.device, o.dtype, tokenizer=tokenizer)
+        model, tokenizer = load_model(o.model, ctx.device if ctx else o.device, o.dtype, tokenizer=tokenizer, device_map=o.device_map)
         modules = find_modules(model, parse_layers(o.layers), o.module)
         if is_main(ctx):
             _log(f"layers: {', '.join(modules)}" + (" (auto)" if o.layers == "auto" else ""))
@@ -497,7 +497,7 @@ def run_edit(o: EditOptions, given: set) -> int:
     if info is None:
         _check_modules(config, layers, o.module, stats, f"--curvature {o.curvature}")
     # 4. the weights
-    model, tok = load_model(o.model, o.device, o.dtype, tokenizer=tok)
+    model, tok = load_model(o.model, o.device, o.dtype, tokenizer=tok, device_map=o.device_map)
     if info is not None:
         from .layers import modules_by_name
 
@@ -618,7 +618,7 @@ def run_evaluate(o: EvaluateOptions, given: set) -> int:
     known = read_requests(o.known_facts, "auto", tok, ctx_len, option="--known-facts") if o.known_facts else []
     heldout = read_documents(o.heldout, tok, o.max_length, o.unit, o.heldout_documents, option="--heldout") if o.heldout else []
     dtype = o.dtype if "dtype" in given or manifest is None else manifest.get("model_dtype", o.dtype)
-    base, _ = load_model(o.base, o.device, dtype, "--base", tokenizer=tok)
+    base, _ = load_model(o.base, o.device, dtype, "--base", tokenizer=tok, device_map=o.device_map)
     if manifest is not None:
         modules = {n: base.get_submodule(n) for n in deltas if _has(base, n)}
         if len(modules) != len(deltas) or weights_hash({n: m.weight for n, m in modules.items()}) != manifest["base_weights_sha256"]:
@@ -629,13 +629,13 @@ def run_evaluate(o: EvaluateOptions, given: set) -> int:
     if manifest is not None:
         # an edit of ours: its delta gives the base matrices back bit for bit, no second model needed
         del base
-        edited, _ = load_model(o.model, o.device, dtype, tokenizer=tok)
+        edited, _ = load_model(o.model, o.device, dtype, tokenizer=tok, device_map=o.device_map)
         ref.base_weights = {n: shifted(edited.get_submodule(n).weight.detach(), D, -1) for n, D in deltas.items()}
         after = measure(edited, tok, ref, progress=o.progress)
         if o.lm_eval:
             lm_eval = _lm_eval(o, edited, tok, base_weights=ref.base_weights)
     else:  # any other pair of models: both stay in memory for the KL
-        edited, _ = load_model(o.model, o.device, dtype, tokenizer=tok)
+        edited, _ = load_model(o.model, o.device, dtype, tokenizer=tok, device_map=o.device_map)
         after = measure(edited, tok, ref, base_model=base, progress=o.progress)
         if o.lm_eval:
             lm_eval = _lm_eval(o, edited, tok, base_model=base)
@@ -682,7 +682,7 @@ def _run_delta(o: DeltaOptions, given: set, sign: int) -> int:
     deltas, manifest = read_delta(o.delta)
     out = check_out(o.out, o.overwrite, {"--model": o.model, "--delta": o.delta})
     dtype = o.dtype if "dtype" in given else manifest.get("model_dtype", o.dtype)
-    model, tok = load_model(o.model, o.device, dtype)
+    model, tok = load_model(o.model, o.device, dtype, device_map=o.device_map)
     try:
         apply_delta(model, deltas, manifest, sign)
     except SaveError as e:
@@ -720,7 +720,7 @@ def _revert_ledger(o: RevertOptions, given: set) -> int:
         raise UsageError(f"--to {o.to}: the ledger {o.ledger} has chunks 0..{n}")
     if str(o.to) in info["snapshots"] or o.to == n:
         info = ledger.revert(o.ledger, o.to) if o.to < n else info
-        print(f"{o.ledger}: state after chunk {o.to} restored from its snapshot ({n - o.to} chunks kept under 'reverted')")
+        print(f"{o.ledger}: state after chunk {o.to} restored from its snapshot ({n - o.to} later chunk(s) kept under 'reverted')")
         return 0
     # no snapshot: replay from the nearest earlier one, which gives the same bits
     from .layers import modules_by_name
@@ -728,7 +728,7 @@ def _revert_ledger(o: RevertOptions, given: set) -> int:
 
     j = ledger.nearest_snapshot(info, o.to)
     dtype = o.dtype if "dtype" in given else info["model_dtype"]
-    model, tok = load_model(o.model or info["model"], o.device, dtype)
+    model, tok = load_model(o.model or info["model"], o.device, dtype, device_map=o.device_map)
     modules = modules_by_name(model, list(info["modules"]))
     session = ledger.load(o.ledger, model, tok, modules, o.progress, chunk=j)
     requests = ledger.read_requests(Path(o.ledger) / info["current"]["requests"], Path(o.ledger))
@@ -739,7 +739,7 @@ def _revert_ledger(o: RevertOptions, given: set) -> int:
         session.history[-1]["metrics"] = info["chunks"][k].get("metrics")
     ledger.replace_history(o.ledger, session, o.to)
     print(f"{o.ledger}: state after chunk {o.to} restored by replaying chunks {j + 1}..{o.to} "
-          f"({n - o.to} chunks kept under 'reverted')")
+          f"({n - o.to} later chunk(s) kept under 'reverted')")
     return 0
 
 
@@ -755,14 +755,15 @@ def run_log(o: LogOptions, given: set) -> int:
             f"{'reliab.':>7} {'first':>6} {'rephr.':>6} {'known':>6} {'refr.':>5} {'budget':>7} {'time':>7}")
     print(head)
     f = lambda x, d=3: "-" if x is None else f"{x:.{d}f}"  # noqa: E731
+    g = lambda x: "-" if x is None else f"{x:.3g}"  # noqa: E731
     edits = 0
     for r in info["chunks"]:
         m, d = r.get("metrics") or {}, (r.get("drift") or {}).get("total", {})
         edits += r["requests"]
         budget = f"{r['budget']['used']:.0%}" if r.get("budget") else "-"
         print(f"{r['chunk']:>5} {edits:>8} {r.get('steps') if r.get('steps') is not None else '-':>6} "
-              f"{f(r.get('final_loss'), 4):>8} {f(d.get('relative_change'), 4):>9} {f(d.get('predicted_kl'), 4):>9} "
-              f"{f(m.get('heldout_kl'), 4):>11} {f(m.get('reliability')):>7} {f(m.get('first_chunk_reliability')):>6} "
+              f"{f(r.get('final_loss'), 4):>8} {f(d.get('relative_change'), 4):>9} {g(d.get('predicted_kl')):>9} "
+              f"{g(m.get('heldout_kl')):>11} {f(m.get('reliability')):>7} {f(m.get('first_chunk_reliability')):>6} "
               f"{f(m.get('rephrase')):>6} {f(m.get('known_facts_accuracy')):>6} {len(r.get('refreshes', [])):>5} "
               f"{budget:>7} {sum(r.get('seconds', {}).values()):>6.1f}s")
     if info.get("reverted"):
