@@ -41,7 +41,7 @@ from .corpus import fingerprint
 from .distributed import DistContext, shard
 from .layers import is_conv1d, weight_shape
 from .options import LABEL_MODES
-from .running import Forward, frozen, full_precision, hf_forward, input_device, pad_batch
+from .running import Forward, check_resident, frozen, full_precision, hf_forward, input_device, pad_batch
 
 FILE_NAME = "curvature.safetensors"
 FORMAT = "crispedit.kfac/1"
@@ -137,9 +137,12 @@ class KFACHooks:
 
     def _forward_hook(self, name: str):
         def hook(module: nn.Module, args: tuple, out: Tensor):
+            # under a device_map, the sums live with the weight; ``args`` are the inputs as called
+            # (accelerate's hook moves them to the module's device inside the call, not here)
             rows = self.rows.to(out.device)
             if self.collect_a:
-                a = args[0].detach()[rows].to(self.dtype)
+                x = args[0].detach()
+                a = x[rows.to(x.device)].to(self.A_sum[name].device, self.dtype)
                 self.A_sum[name].addmm_(a.T, a)
             if torch.is_grad_enabled():
                 if not out.requires_grad:  # first hooked layer: start the graph here
@@ -151,7 +154,7 @@ class KFACHooks:
         return hook
 
     def _grad(self, name: str, grad: Tensor, rows: Tensor) -> None:
-        g = grad.detach()[rows].to(self.dtype)
+        g = grad.detach()[rows].to(self.G_sum[name].device, self.dtype)
         self.G_sum[name].addmm_(g.T, g, alpha=self.g_scale)
 
 
@@ -213,6 +216,7 @@ def collect(
         raise StatisticsError(f"statistics accumulate in float32 or float64, not {dtype}")
     if not documents:
         raise StatisticsError("the corpus has no document")
+    check_resident(modules)
     positions = [list(range(len(d) - 1)) for d in documents] if label_positions is None else label_positions
     _check_positions(documents, positions)
     N = sum(len(p) for p in positions)
@@ -340,10 +344,11 @@ def _sampled_batch(hooks: KFACHooks, forward: Forward, ids, attn, rows, u: Tenso
     """``sampled`` (``u`` given, ``k`` draws) or ``empirical`` (``u is None``) for one batch.
 
     The backward vector at the logits is ``p − e_y`` at labelled positions and 0 elsewhere, in the
-    logits' dtype. Nothing of vocabulary size in float32 spans the batch: ``p = softmax`` and its
-    cumulative sum exist for ``slice_positions`` positions at a time (the draws of a slice, then its
-    rows of the backward vector); the batch-wide arrays are the logits and the backward vector, both in
-    the model's dtype. Each row is computed exactly as on the whole batch (softmax, cumsum and the
+    logits' dtype and on their device (under a ``device_map`` not necessarily the inputs'). Nothing of
+    vocabulary size in float32 spans the batch: ``p = softmax`` and its cumulative sum exist for
+    ``slice_positions`` positions at a time (the draws of a slice, then its rows of the backward
+    vector); the batch-wide arrays are the logits and the backward vector, both in the model's dtype.
+    Each row is computed exactly as on the whole batch (softmax, cumsum and the
     inverse-CDF draw are per position), so the labels and the vector do not depend on the slicing.
     """
     hooks.rows, hooks.collect_a = rows, True
@@ -352,13 +357,13 @@ def _sampled_batch(hooks: KFACHooks, forward: Forward, ids, attn, rows, u: Tenso
     B, T, V = logits.shape
     with torch.no_grad():
         flat = logits.detach().reshape(B * T, V)
-        keep = rows.reshape(B * T, 1)
+        keep = rows.to(flat.device).reshape(B * T, 1)
         slices = [slice(lo, lo + slice_positions) for lo in range(0, B * T, slice_positions)]
         if u is None:
-            draws = torch.roll(ids, -1, dims=1).reshape(1, B * T)  # observed next token
+            draws = torch.roll(ids, -1, dims=1).to(flat.device).reshape(1, B * T)  # observed next token
         else:
             draws = torch.empty(k, B * T, dtype=torch.long, device=flat.device)
-            uniforms = u.reshape(k, B * T)
+            uniforms = u.to(flat.device).reshape(k, B * T)
             for s in slices:
                 cdf = _probs(flat[s]).cumsum(-1)
                 for j in range(k):
@@ -389,15 +394,17 @@ def _exact_batch(hooks: KFACHooks, forward: Forward, ids, attn, rows, chunk: int
     ``t`` and vocabulary entry ``c``; ``chunk`` of these run at once on replicated documents."""
     hooks.rows, hooks.collect_a, hooks.g_scale = rows, True, 1.0
     with torch.no_grad():
-        p = _probs(forward(ids, attn)[rows])  # [N, V]; A is collected here
+        logits = forward(ids, attn)
+        p = _probs(logits[rows.to(logits.device)])  # [N, V] on the logits' device; A is collected here
+        del logits
     hooks.collect_a = False
-    b_of, t_of = rows.nonzero(as_tuple=True)  # labelled (b, t), in the order of p's rows
+    b_of, t_of = rows.to(p.device).nonzero(as_tuple=True)  # labelled (b, t), in the order of p's rows
     N, V = p.shape
     jobs_n = torch.arange(N, device=p.device).repeat_interleave(V)
     jobs_c = torch.arange(V, device=p.device).repeat(N)
     for lo in range(0, N * V, chunk):
         n, c = jobs_n[lo : lo + chunk], jobs_c[lo : lo + chunk]
-        b = b_of[n]
+        b = b_of[n].to(ids.device)  # the replicated documents go where the inputs go
         hooks.rows = rows[b]
         R = torch.arange(len(n), device=p.device)
         with torch.enable_grad():
@@ -406,7 +413,7 @@ def _exact_batch(hooks: KFACHooks, forward: Forward, ids, attn, rows, chunk: int
             v[R, c] -= 1
             v *= p[n, c].sqrt().unsqueeze(-1)
             vec = torch.zeros_like(logits)
-            vec[R, t_of[n]] = v.to(logits.dtype)
+            vec[R.to(vec.device), t_of[n].to(vec.device)] = v.to(vec.device, vec.dtype)
             logits.backward(vec)
 
 

@@ -31,7 +31,7 @@ from .curvature import KFACStatistics
 from .layers import is_conv1d
 from .projector import Eigen, KroneckerProjector, eigh_factor, quadratic_form
 from .requests import EditRequest, edit_text
-from .running import frozen, input_device, pad_id
+from .running import check_resident, frozen, input_device, pad_id
 from .options import GRADIENT_METHODS as METHODS
 from .options import OPTIMIZERS
 from .saving import delta_dtype
@@ -140,9 +140,10 @@ def _batch(items: Sequence[tuple[list[int], int]], pad: int, device) -> tuple[Te
 
 
 def edit_loss(model: nn.Module, ids: Tensor, attn: Tensor, labels: Tensor) -> Tensor:
-    """Mean negative log-likelihood over all target tokens of the batch (right padding)."""
+    """Mean negative log-likelihood over all target tokens of the batch (right padding); under a
+    ``device_map`` the labels go where the logits are (the last block's device, not the inputs')."""
     logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits[:, :-1]
-    target = labels[:, 1:]
+    target = labels[:, 1:].to(logits.device)
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100)
 
@@ -184,6 +185,7 @@ class EditOptimizer:
     def __init__(self, modules: dict[str, nn.Module], optimizer: str = "adam", lr: float = 5e-4):
         if optimizer not in OPTIMIZERS:
             raise EditError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
+        check_resident(modules)
         self.modules = modules
         self.kind = optimizer
         self.conv = {n: is_conv1d(m) for n, m in modules.items()}
@@ -303,7 +305,7 @@ class GradientFactors:
         def hook(module, args, out):
             if not torch.is_grad_enabled() or not out.requires_grad:
                 return
-            self._inputs[name] = args[0].detach()
+            self._inputs[name] = args[0].detach().to(out.device)  # as called: accelerate moves them inside the call
             self.pairs.pop(name, None)
 
             def on_grad(grad):

@@ -48,15 +48,16 @@ def text_drift(model: nn.Module, documents: Sequence[Sequence[int]], base_weight
         p = None
         if has_base:
             if base_model is not None:
-                p = hf_forward(base_model)(ids, attn)
+                there = input_device(base_model)  # a base loaded on another device (or map)
+                p = hf_forward(base_model)(ids.to(there), attn.to(there))
             else:
                 with swapped_weights(model, base_weights):
                     p = forward(ids, attn)
         V = q.shape[-1]
-        q = q.reshape(-1, V)
-        p = p.reshape(-1, V) if p is not None else None
-        nxt = torch.roll(ids, -1, dims=1).reshape(-1, 1)
-        keep = rows.reshape(-1)
+        q = q.reshape(-1, V)  # under a device_map everything below runs where the edited model's logits are
+        p = p.reshape(-1, V).to(q.device) if p is not None else None
+        nxt = torch.roll(ids, -1, dims=1).reshape(-1, 1).to(q.device)
+        keep = rows.reshape(-1).to(q.device)
         for s in (slice(i, i + max_positions) for i in range(0, keep.numel(), max_positions)):
             lq = _log_probs(q[s])
             nll -= float(lq.gather(-1, nxt[s]).squeeze(-1)[keep[s]].double().sum())

@@ -3,6 +3,8 @@ its configuration alone, so that options can be checked before the weights load.
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 import torch
@@ -89,19 +91,116 @@ def set_progress(enabled: bool) -> None:
     (logging.enable_progress_bar if enabled else logging.disable_progress_bar)()
 
 
-def load_model(name: str, device: str = "auto", dtype: str = "float32", option: str = "--model", tokenizer=None):
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def parse_device_map(device_map: str | dict | None, option: str = "--device-map") -> str | dict | None:
+    """The device map to give ``from_pretrained``: ``None``; a strategy of accelerate's (``auto``,
+    ``balanced``, ``balanced_low_0``, ``sequential``: blocks spread over the CUDA devices); or
+    ``{module: device}`` as a dict, a JSON object, or a JSON file holding one (devices: a GPU index,
+    ``cuda:N`` or ``cpu``; no ``disk``, whose offload folder nothing here gives). Refused without
+    accelerate, and when a CUDA device it names (every strategy names them) does not exist."""
+    if device_map is None:
+        return None
+    try:
+        import accelerate  # noqa: F401
+    except ImportError:
+        raise ModelError(f"{option} needs the accelerate package (pip install 'accelerate>=0.26')") from None
+    if isinstance(device_map, str):
+        text = device_map.strip()
+        if text in DEVICE_MAP_STRATEGIES:
+            _check_cuda(option, text)
+            return text
+        if not text.startswith("{"):
+            path = Path(text).expanduser()
+            if not path.is_file():
+                raise ModelError(f"{option}: expected {', '.join(DEVICE_MAP_STRATEGIES)}, a JSON object "
+                                 f"{{module: device}} or a JSON file of one, got {device_map!r} (no such file)")
+            try:
+                text = path.read_text()
+            except OSError as e:
+                raise ModelError(f"{option} {path}: could not read it ({e.strerror or e})") from None
+        try:
+            device_map = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ModelError(f"{option} {device_map}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    if not isinstance(device_map, dict) or not device_map:
+        raise ModelError(f"{option}: a device map is a non-empty JSON object {{module: device}}, got {device_map!r}")
+    out: dict[str, int | str] = {}
+    for module, dev in device_map.items():
+        if isinstance(dev, bool) or not isinstance(dev, (int, str)):
+            raise ModelError(f"{option}: module {module!r}: device {dev!r} is not a GPU index, cuda:N or cpu")
+        if dev == "disk":
+            raise ModelError(f"{option}: module {module!r}: disk offload is not supported (give it a GPU or the cpu)")
+        if dev == "cpu":
+            out[module] = dev
+            continue
+        try:
+            d = torch.device("cuda", dev) if isinstance(dev, int) else torch.device(dev)
+        except RuntimeError:
+            raise ModelError(f"{option}: module {module!r}: unknown device {dev!r} (a GPU index, cuda:N or cpu)") from None
+        if d.type != "cuda":
+            raise ModelError(f"{option}: module {module!r}: unsupported device {dev!r} (a GPU index, cuda:N or cpu)")
+        _check_cuda(option, f"{module}: {dev}", d.index)
+        out[module] = dev
+    return out
+
+
+def _check_cuda(option: str, what: str, index: int | None = None) -> None:
+    if not torch.cuda.is_available():
+        raise ModelError(f"{option} ({what}): this torch build has no CUDA device (torch {torch.__version__}); "
+                         "leave --device-map out and use --device")
+    if index is not None and index >= torch.cuda.device_count():
+        raise ModelError(f"{option} ({what}): only {torch.cuda.device_count()} CUDA devices")
+
+
+def load_model(name: str, device: str = "auto", dtype: str = "float32", option: str = "--model", tokenizer=None,
+               device_map: str | dict | None = None):
     """``(model, tokenizer)`` in eval mode on ``device`` with weights in ``dtype``; ``option`` names
-    the command-line option in error messages (``--model``, ``--base``)."""
+    the command-line option in error messages (``--model``, ``--base``).
+
+    ``device_map`` (see ``parse_device_map``): accelerate places the blocks over the devices it names
+    instead (``device`` must stay ``auto``); inputs then go to ``model.device`` (the embedding's) and
+    every computation on the logits runs where the logits are. An edited matrix must not be offloaded
+    (``running.check_resident``). Not with a data-parallel ``torchrun`` run (one model per process)."""
     from transformers import AutoModelForCausalLM
 
     torch_dtype = resolve_dtype(dtype)
-    dev = resolve_device(device)
+    placement = parse_device_map(device_map)
+    if placement is not None:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ModelError("--device-map spreads one model over the GPUs; a data-parallel torchrun run holds one "
+                             "model per process: use one or the other")
+        if str(device) != "auto":
+            raise ModelError(f"--device {device} with --device-map: the map places the model; give one of the two")
+    dev = resolve_device(device) if placement is None else None
     local = _check_name(name, option)
     try:
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype)
+        placed = {} if placement is None else {"device_map": placement}
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype, **placed)
     except (OSError, ValueError) as e:
         where = "the local directory" if local else "the hub (no network, or no such model?)"
-        raise ModelError(f"{option} {name}: could not load from {where}: {str(e).splitlines()[0]}") from None
+        with_map = "" if placement is None else f" with --device-map {device_map}"
+        raise ModelError(f"{option} {name}: could not load from {where}{with_map}: {str(e).splitlines()[0]}") from None
+    if isinstance(placement, dict):
+        _check_map_names(model, placement)
     if tokenizer is None:
         tokenizer = load_tokenizer(name, option)
-    return model.to(dev).eval(), tokenizer
+    return (model if dev is None else model.to(dev)).eval(), tokenizer
+
+
+def _check_map_names(model, device_map: dict, option: str = "--device-map") -> None:
+    """Every key of a ``{module: device}`` map names a module of the model, and every parameter is placed
+    by one (transformers would put an unnamed one on the CPU without a word: a typo would offload it)."""
+    names = {n for n, _ in model.named_modules()}
+    unknown = [k for k in device_map if k not in names]
+    if unknown:
+        blocks = [n for n in names if n.count(".") <= 2 and n]
+        raise ModelError(f"{option}: no module {unknown[0]!r} in this model (modules such as "
+                         f"{', '.join(sorted(blocks)[:6])}, ...; \"\" is the whole model)")
+    if "" in device_map:
+        return
+    loose = [n for n, _ in model.named_parameters() if not any(n.startswith(k + ".") for k in device_map)]
+    if loose:
+        raise ModelError(f"{option}: {len(loose)} parameters are placed by no key of the map, e.g. {loose[0]} "
+                         "(name their module, or a module above it)")

@@ -59,6 +59,9 @@ def opt(default, help: str, **extra):
 @dataclass
 class RuntimeOptions:
     device: str = opt("auto", "where the model runs: cpu, cuda, cuda:N or auto (cuda when available)")
+    device_map: str | None = opt(None, "spread a model too big for one GPU over several with accelerate: auto, balanced, "
+                                 "or {module: device} as JSON (inline or a .json file; devices: GPU index, cuda:N, cpu); "
+                                 "edited layers must sit on a GPU, not be offloaded; not with torchrun; the demo ignores it")
     dtype: str = opt("float32", "model weights dtype (statistics and optimiser state stay float32 or wider)", choices=DTYPES)
     threads: int | None = opt(None, "CPU threads for torch (default: torch's own choice)", check=at_least(1))
     progress: bool = opt(True, "progress bars (--no-progress silences all of them, transformers' loading bars too)")

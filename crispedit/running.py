@@ -13,6 +13,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from .model import ModelError
+
 Forward = Callable[[Tensor, Tensor], Tensor]  # (input_ids, attention_mask) -> logits [B, T, V]
 
 
@@ -36,9 +38,14 @@ def hf_forward(model: nn.Module) -> Forward:
 
 
 def input_device(model: nn.Module) -> torch.device:
-    """Where input ids go: the embedding's device (``model.device`` for HF models, also with device_map)."""
+    """Where input ids go: the embedding's device (``model.device`` for HF models, also with device_map);
+    when accelerate offloads the first parameters (``meta``), its main execution device."""
     dev = getattr(model, "device", None)
-    return dev if isinstance(dev, torch.device) else next(model.parameters()).device
+    dev = dev if isinstance(dev, torch.device) else next(model.parameters()).device
+    if dev.type == "meta":
+        main = getattr(getattr(model, "_hf_hook", None), "execution_device", None)
+        dev = torch.device(main) if main is not None else dev
+    return dev
 
 
 def pad_id(tokenizer) -> int:
@@ -70,10 +77,35 @@ def frozen(model: nn.Module, trainable: Sequence[Tensor] = ()):
         model.train(training)
 
 
+def offloaded(module: nn.Module) -> bool:
+    """Whether accelerate offloads ``module``'s weight (CPU or disk offload of a ``device_map``): it
+    is then a ``meta`` tensor that a hook loads for each forward and drops after it, so nothing
+    written to it in place, or swapped into its ``.data``, survives. A module that accelerate only
+    dispatched (its hook moves inputs and outputs; the weight lives on its device) is not."""
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, Tensor) and weight.device.type == "meta":
+        return True
+    hook = getattr(module, "_hf_hook", None)
+    hooks = getattr(hook, "hooks", None) or ([hook] if hook is not None else [])  # a SequentialHook holds several
+    return any(getattr(h, "offload", False) for h in hooks)
+
+
+def check_resident(modules: dict[str, nn.Module]) -> None:
+    """Refuse to edit (or hook, or swap) a matrix that accelerate offloads (see ``offloaded``)."""
+    for name, m in modules.items():
+        if offloaded(m):
+            raise ModelError(f"{name}: offloaded to CPU or disk by the device map (its weight lives on the meta "
+                             "device), so it cannot be edited in place; give the GPUs room for it (a --device-map "
+                             "that places its block on a GPU) or edit fewer layers")
+
+
 @contextlib.contextmanager
 def swapped_weights(model: nn.Module, weights: dict[str, Tensor]):
-    """Temporarily give the named matrices other weights (their base values, say); no copy."""
+    """Temporarily give the named matrices other weights (their base values, say); no copy. Under a
+    ``device_map`` this works for dispatched modules (accelerate's hook moves only their inputs and
+    outputs, so the forward reads the swapped ``.data``); offloaded ones are refused."""
     modules = {n: model.get_submodule(n) for n in weights}
+    check_resident(modules)
     saved = {n: m.weight.data for n, m in modules.items()}
     try:
         for n, m in modules.items():

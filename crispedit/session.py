@@ -57,7 +57,7 @@ from .layers import is_conv1d
 from .options import CLOSED_FORM_METHODS, MethodOptions
 from .projector import Eigen, KroneckerProjector
 from .requests import EditRequest, edit_text
-from .running import swapped_weights
+from .running import check_resident, swapped_weights
 from .saving import delta_dtype, weights_hash
 
 CAPABILITY = "capability"
@@ -142,6 +142,7 @@ class EditSession:
     ):
         self.model, self.tokenizer, self.modules, self.options, self.progress = model, tokenizer, modules, options, progress
         o = options
+        check_resident(modules)  # an offloaded matrix (device_map) cannot be edited in place, by any method
         if o.method != "ft" and CAPABILITY not in base_sources:
             raise SessionError(f"--method {o.method} needs capability statistics (--curvature or --corpus)")
         if o.refresh_drift is not None and not capability_documents:
