@@ -519,7 +519,10 @@ def run_edit(o: EditOptions, given: set) -> int:
 
             check_matches(stats, modules, f"--curvature {o.curvature}")
             if not o.allow_other_checkpoint:
-                check_fingerprint(stats, modules, f"--curvature {o.curvature}")
+                from .layers import modules_by_name  # the fingerprint covers every matrix of the file
+
+                check_fingerprint(stats, modules_by_name(model, stats.names, f"--curvature {o.curvature}"),
+                                  f"--curvature {o.curvature}")
         elif corpus:
             stats = collect(model, modules, corpus, labels=o.labels, seed=o.seed, progress=o.progress)
             _log(f"curvature: {stats.meta['tokens']:,} tokens of {len(corpus)} documents in {stats.meta['time_s']:.1f} s")

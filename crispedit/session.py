@@ -77,10 +77,12 @@ class Sums:
     tokens: int
 
     @classmethod
-    def of(cls, stats: KFACStatistics) -> "Sums":
-        """From normalised statistics (factors divided by the token count), kept on the CPU."""
-        n = next(iter(stats.tokens.values()))
-        return cls({k: (v * n).cpu() for k, v in stats.A.items()}, {k: (v * n).cpu() for k, v in stats.G.items()}, n)
+    def of(cls, stats: KFACStatistics, names=None) -> "Sums":
+        """From normalised statistics (factors divided by the token count), kept on the CPU; ``names``:
+        only these matrices (a statistics file may hold more layers than are edited)."""
+        names = list(stats.A) if names is None else list(names)
+        n = stats.tokens[names[0]]
+        return cls({k: (stats.A[k] * n).cpu() for k in names}, {k: (stats.G[k] * n).cpu() for k in names}, n)
 
     def __add__(self, other: "Sums") -> "Sums":
         return Sums({k: v + other.A[k] for k, v in self.A.items()}, {k: v + other.G[k] for k, v in self.G.items()},
@@ -198,7 +200,7 @@ class EditSession:
         (name -> documents), whose statistics are taken here. ``eigen_cache``: a directory for the
         capability eigendecompositions (the statistics' own, keyed by their hash)."""
         options = options or MethodOptions()
-        base_sources = {CAPABILITY: Sums.of(capability)} if capability is not None else {}
+        base_sources = {CAPABILITY: Sums.of(capability, modules)} if capability is not None else {}
         for name, docs in (protect or {}).items():
             base_sources[f"protect:{name}"] = _collect_sums(model, modules, docs, options)
         return cls(model, tokenizer, modules, options, base_sources, capability_documents, protect,

@@ -161,3 +161,14 @@ def test_edit_then_apply_delta_and_revert(tiny, tmp_path, requests_file, capsys)
     code, stdout, _ = _run(capsys, "evaluate", "--model", out, "--base", tiny / "model", "--requests", requests_file,
                            "--heldout", tiny / "b.jsonl", "--out", tmp_path / "eval.json")
     assert code == 0 and json.loads((tmp_path / "eval.json").read_text())["after"]["metrics"]
+
+
+def test_help_imports_nothing_heavy():
+    """``crispedit --help`` is instant: the CLI module imports neither torch nor transformers."""
+    import subprocess
+    import sys
+
+    code = ("import sys, crispedit.cli, crispedit; crispedit.cli.build_parser().format_help(); "
+            "print(sorted(m for m in ('torch', 'transformers', 'safetensors') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

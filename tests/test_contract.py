@@ -99,6 +99,8 @@ def world(tmp_path_factory):
     for name, model, corpus in (("curv", "model", "corpus.txt"), ("curv-heldout", "model", "heldout.jsonl"),
                                 ("curv-other", "other", "corpus.txt")):
         assert main([*curvature, "--model", str(W / model), "--corpus", str(W / corpus), "--out", str(W / name)]) == 0
+    assert main([*curvature[:5], "0,1", *curvature[6:], "--model", str(W / "model"), "--corpus", str(W / "corpus.txt"),
+                 "--out", str(W / "curv-two")]) == 0  # layers 0 and 1
     shutil.copytree(W / "curv", W / "curv-copy")
     edit = ["edit", "--no-progress", "--threads", "1", "--model", str(W / "model"), "--requests", str(W / "requests.jsonl"),
             "--curvature", str(W / "curv"), "--epochs", "1", "--lr", "1e-2", "--no-evaluate"]
@@ -381,6 +383,12 @@ ROWS = {
                                                "--inputs {W}/afile: not a readable safetensors file"),
     "merge a missing file": Row("merge-curvature --inputs {W}/curv {W}/nowhere --out {T}/out", 2, "--inputs {W}/nowhere: no such file"),
     "evaluate without --base": Row(EVAL.replace("--base {W}/model", ""), 2, "--base is required"),
+    # issue 9: found in review
+    "evaluate --base of another checkpoint of the same shapes": Row(
+        EVAL.replace("--base {W}/model", "--base {W}/other"), 2, "--base {W}/other: its matrices are not the base this edit",
+        loads=True),
+    "--curvature holding more layers than --layers edits": Row(
+        EDIT.replace("{W}/curv ", "{W}/curv-two ") + " --layers 1 --no-evaluate " + RUN, 0, "editing model.layers.1.mlp.down_proj"),
 }
 
 

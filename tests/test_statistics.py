@@ -224,3 +224,45 @@ def test_fingerprint_knows_the_same_checkpoint_in_another_dtype():
     assert set(from_half.meta["weights_sha256"]) == {"bfloat16", "float16"}  # and what a fp16 load of it would be
     check_fingerprint(from_half, modules)  # the float32 model, cast down to bf16, is that checkpoint
     assert weights_fingerprint(modules)["bfloat16"] == from_half.meta["weights_sha256"]["bfloat16"]
+
+
+def test_statistics_and_projections_run_without_tf32_whatever_the_caller_set(monkeypatch):
+    """Under ``allow_tf32 = True`` (a common global setting on GPUs) the statistics pass and the
+    projector still run their matmuls in full float32, and the caller's settings come back after."""
+    from crispedit import running
+    from crispedit.projector import KroneckerProjector
+
+    seen = []
+    inner = running.full_precision
+
+    def spy():
+        cm = inner()
+
+        class Spy:
+            def __enter__(self):
+                cm.__enter__()
+                seen.append((torch.backends.cuda.matmul.allow_tf32, torch.get_float32_matmul_precision()))
+
+            def __exit__(self, *exc):
+                return cm.__exit__(*exc)
+
+        return Spy()
+
+    monkeypatch.setattr(curvature, "full_precision", spy)
+    import crispedit.projector as projector_module
+
+    monkeypatch.setattr(projector_module, "full_precision", spy)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.set_float32_matmul_precision("high")
+    try:
+        model = tiny_hf("llama", layers=2, dtype=torch.float32)
+        modules = find_modules(model, [1])
+        stats = collect(model, modules, DOCS, labels="empirical")
+        n = next(iter(modules))
+        P = KroneckerProjector.from_factors(stats.A[n], stats.G[n], 0.8)
+        P.project(torch.randn(P.d_out, P.d_in))
+        assert seen and all(flags == (False, "highest") for flags in seen)
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.set_float32_matmul_precision("highest")
