@@ -52,6 +52,25 @@ def _check_name(name: str, option: str) -> bool:
     return local
 
 
+TRANSFORMERS_MIN = (4, 56)  # the first release whose from_pretrained takes dtype= (torch_dtype= before)
+
+
+def check_transformers(version: str | None = None) -> None:
+    """Refuse a transformers older than ``TRANSFORMERS_MIN`` with a message saying what to install
+    (older releases ignore ``dtype=`` and would load every model in float32, silently)."""
+    if version is None:
+        import transformers
+
+        version = transformers.__version__
+    parts = []
+    for piece in version.split(".")[:2]:
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits) if digits else 0)
+    if tuple(parts) < TRANSFORMERS_MIN:
+        need = ".".join(map(str, TRANSFORMERS_MIN))
+        raise ModelError(f"crispedit needs transformers >= {need}, found {version}: pip install 'transformers>={need}'")
+
+
 def load_config(name: str, option: str = "--model"):
     """The model's configuration only (no weights): for checks before loading."""
     from transformers import AutoConfig
@@ -165,6 +184,7 @@ def load_model(name: str, device: str = "auto", dtype: str = "float32", option: 
     (``running.check_resident``). Not with a data-parallel ``torchrun`` run (one model per process)."""
     from transformers import AutoModelForCausalLM
 
+    check_transformers()
     torch_dtype = resolve_dtype(dtype)
     placement = parse_device_map(device_map)
     if placement is not None:

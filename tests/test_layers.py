@@ -94,3 +94,13 @@ def test_parse_layers():
     assert parse_layers("19-21, 23") == [19, 20, 21, 23]
     assert parse_layers("auto") == "auto"
     assert parse_layers([3, 4]) == [3, 4]
+
+
+def test_transformers_lower_bound_is_checked():
+    from crispedit.model import ModelError, check_transformers
+
+    check_transformers()  # the installed one
+    check_transformers("4.56.0")
+    check_transformers("5.0.0.dev0")
+    with pytest.raises(ModelError, match="transformers >= 4.56, found 4.46.3"):
+        check_transformers("4.46.3")
