@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from common import write_results  # noqa: E402
 from crispedit import __version__  # noqa: E402
 from crispedit.curvature import collect  # noqa: E402
-from crispedit.evaluate import generate, measure, metric, prepare_reference  # noqa: E402
+from crispedit.evaluate import generate, metric, prepare_reference  # noqa: E402
 from crispedit.layers import find_modules  # noqa: E402
 from crispedit.model import load_model  # noqa: E402
 from crispedit.options import MethodOptions  # noqa: E402
@@ -117,8 +117,7 @@ def stories_benchmark(seed: int = 0, lrs: tuple[float, ...] = (5e-4, 2e-3)) -> d
             t0 = time.perf_counter()
             session = EditSession.start(model, tok, modules, MethodOptions(method=method, gamma=gamma, lr=lr, seed=seed), stats)
             record = session.edit(requests)
-            ref.base_weights = session.base
-            after = measure(model, tok, ref)
+            after = session.measure(ref)
             session.restore_base()
             cap, drift = after["capability"], record["drift"]["total"]
             rows.append({"method": method, "gamma": gamma or 0.0, "lr": lr, "steps": record["steps"], "epochs": record["epochs"],

@@ -44,10 +44,10 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from common import write_results  # noqa: E402
-from crispedit import __version__, ledger  # noqa: E402
+from crispedit import __version__  # noqa: E402
 from crispedit.corpus import read_documents  # noqa: E402
 from crispedit.curvature import collect, load, save  # noqa: E402
-from crispedit.evaluate import known_facts_filter, measure, metric, prepare_reference  # noqa: E402
+from crispedit.evaluate import known_facts_filter, metric, prepare_reference  # noqa: E402
 from crispedit.history import HistoryProbe  # noqa: E402
 from crispedit.layers import find_modules  # noqa: E402
 from crispedit.model import load_model  # noqa: E402
@@ -198,6 +198,7 @@ class Testbed:
                               dict(s.meta))
 
     def reference(self, n: int):
+        """What a run of the first ``n`` requests is scored against (the model is at its base between runs)."""
         if n not in self.references:
             self.references[n] = prepare_reference(self.model, self.tok, self.usable[:n], "raw", self.heldout,
                                                    self.curvature_docs, self.known_facts)
@@ -257,18 +258,13 @@ def run(tb: Testbed, s: dict, a) -> dict:
         key = hashlib.sha256(json.dumps(dict(s, v=__version__, t=tb.hash), sort_keys=True).encode()).hexdigest()[:20]
         ledger_dir = tb.cache / "ledgers" / key
         if (ledger_dir / "ledger.json").exists():  # resume an interrupted run
-            session = ledger.load(ledger_dir, tb.model, tb.tok, tb.modules(s.get("layers", tb.all_blocks)))
+            session = EditSession.load(ledger_dir, tb.model, tb.tok, tb.modules(s.get("layers", tb.all_blocks)))
         else:
             session = tb.session(s, options)
-            ledger.save(session, ledger_dir, str(tb.path), snapshot_every=0)
-        done = len(session.requests)
+            session.save(ledger_dir, str(tb.path), snapshot_every=0)
         probe = HistoryProbe(tb.tok, ref.known_facts, tb.heldout, a.eval_sample, tb.seed)
-        total = -(-n // s["chunk_size"])
 
-        def after_chunk(sess, record):
-            if record["chunk"] % a.eval_every == 0 or record["chunk"] == total:
-                record["metrics"] = probe.score(sess)
-            ledger.save(sess, ledger_dir, str(tb.path))
+        def log(record, total):
             m = record.get("metrics") or {}
             print(f"  chunk {record['chunk']}/{total}: steps {record.get('steps')} loss {record.get('final_loss') or 0:.4f} "
                   f"pred. KL {record['drift']['total']['predicted_kl']:.4f}"
@@ -276,13 +272,13 @@ def run(tb: Testbed, s: dict, a) -> dict:
                      f"{m.get('known_facts_accuracy', 0):.3f} KL {m['heldout_kl']:.4f}" if m else "")
                   + f" [{sum(record['seconds'].values()):.1f} s]", flush=True)
 
-        session.edit_all(requests[done:], s["chunk_size"], after_chunk)
+        session.run([requests[len(session.requests):]], s["chunk_size"], None, probe, a.eval_every, str(ledger_dir),
+                    str(tb.path), log)
     else:
         session = tb.session(s, options)
         session.edit(requests)
     edit_wall, edit_cpu = time.perf_counter() - w0, cpu_seconds() - c0
-    ref.base_weights = session.base
-    after = measure(tb.model, tb.tok, ref)
+    after = session.measure(ref)
     seconds = {"edit_wall": edit_wall, "edit_cpu": edit_cpu, "total_wall": time.perf_counter() - w0,
                "total_cpu": cpu_seconds() - c0}
     row = row_of(s, session, after, ref, seconds)  # (the drift of the edited weights: before the base is back)

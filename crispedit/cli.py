@@ -431,10 +431,8 @@ def run_edit(o: EditOptions, given: set) -> int:
 
     import torch
 
-    from . import ledger
     from .corpus import read_documents
     from .curvature import check_fingerprint, collect, load
-    from .evaluate import measure, prepare_reference
     from .history import HistoryProbe
     from .layers import find_modules, parse_layers
     from .model import context_length, load_config, load_model, load_tokenizer
@@ -510,7 +508,7 @@ def run_edit(o: EditOptions, given: set) -> int:
         modules = find_modules(model, parse_layers(layers), o.module)
     _log(f"editing {', '.join(modules)}" + (" (auto)" if layers == "auto" else ""))
     if info is not None:
-        session = ledger.load(o.resume, model, tok, modules, o.progress)
+        session = EditSession.load(o.resume, model, tok, modules, o.progress)
         corpus = session.capability_documents
         _log(f"resuming {o.resume}: {len(session.history)} chunks, {len(session.requests)} requests edited so far")
     else:
@@ -531,41 +529,24 @@ def run_edit(o: EditOptions, given: set) -> int:
         session = EditSession.start(model, tok, modules, method_options(o), stats, corpus, protect, o.progress, cache)
         stats = None  # the session keeps what it needs (raw sums, on the CPU)
         if o.ledger:
-            ledger.save(session, o.ledger, o.model, o.snapshot_every)
+            session.save(o.ledger, o.model, o.snapshot_every)
     # 5. what the edit is scored against, measured once on the base
-    ref = None
-    if o.evaluate:
-        with session.at_base():
-            ref = prepare_reference(model, tok, requests, o.template, heldout, corpus, known, progress=o.progress)
-        ref.base_weights = session.base
+    ref = session.reference(requests, o.template, heldout, corpus, known) if o.evaluate else None
     chunked = o.chunk_size is not None or len(files) > 1 or info is not None
     probe = HistoryProbe(tok, ref.known_facts if ref else [], heldout, o.eval_sample, o.seed, o.template) \
         if o.evaluate and chunked else None
-    total = sum(-(-len(f) // (o.chunk_size or len(f))) for f in files) + len(session.history)
     target = o.ledger or o.resume
-
-    def after_chunk(s, record):
-        last = record["chunk"] == total
-        if probe is not None and (record["chunk"] % o.eval_every == 0 or last):
-            record["metrics"] = probe.score(s)
-        if target:
-            ledger.save(s, target, o.model)
-        if chunked:
-            _log(_chunk_line(record, total))
-
     # 6. edit
     start = time.perf_counter()
-    for name, f in zip(names, files):
-        session.edit_all(f, o.chunk_size, after_chunk, name)
-        if session.budget_spent:
-            break
+    session.run(files, o.chunk_size, names, probe, o.eval_every, target, o.model,
+                (lambda record, total: _log(_chunk_line(record, total))) if chunked else None)
     edited = len(session.requests) - (0 if info is None else sum(r["requests"] for r in info["chunks"]))
     if session.budget_spent:
         _log(f"the capability budget of {o.budget:g} nats/token is spent after chunk {len(session.history)}: "
              f"predicted drift {session.history[-1]['budget']['predicted']:.4g}; {len(requests) - edited} requests "
              "were not edited")
     drift = session.drift()
-    after = measure(model, tok, ref, progress=o.progress) if ref is not None else None
+    after = session.measure(ref) if ref is not None else None
     new = session.history[len(info["chunks"]) if info else 0 :]
     print(f"edited {edited} requests in {time.perf_counter() - start:.1f} s "
           f"({len(new)} chunks, {sum(r.get('steps') or 0 for r in new)} steps)")
@@ -726,21 +707,15 @@ def _revert_ledger(o: RevertOptions, given: set) -> int:
         print(f"{o.ledger}: state after chunk {o.to} restored from its snapshot ({n - o.to} later chunk(s) kept under 'reverted')")
         return 0
     # no snapshot: replay from the nearest earlier one, which gives the same bits
-    from .layers import modules_by_name
     from .model import load_model
+    from .session import EditSession
 
-    j = ledger.nearest_snapshot(info, o.to)
     dtype = o.dtype if "dtype" in given else info["model_dtype"]
     model, tok = load_model(o.model or info["model"], o.device, dtype, device_map=o.device_map)
-    modules = modules_by_name(model, list(info["modules"]))
-    session = ledger.load(o.ledger, model, tok, modules, o.progress, chunk=j)
-    requests = ledger.read_requests(Path(o.ledger) / info["current"]["requests"], Path(o.ledger))
-    for k in range(j, o.to):
-        chunk = [r for c, r in requests if c == k]
-        _log(f"replaying chunk {k + 1} ({len(chunk)} requests)")
-        session.edit(chunk, info["chunks"][k].get("name"))
-        session.history[-1]["metrics"] = info["chunks"][k].get("metrics")
-    ledger.replace_history(o.ledger, session, o.to)
+    session = EditSession.load(o.ledger, model, tok, progress=o.progress)
+    j = ledger.nearest_snapshot(info, o.to)
+    _log(f"replaying chunks {j + 1}..{o.to} from {'the snapshot after chunk ' + str(j) if j else 'the base'}")
+    session.revert(o.to)
     print(f"{o.ledger}: state after chunk {o.to} restored by replaying chunks {j + 1}..{o.to} "
           f"({n - o.to} later chunk(s) kept under 'reverted')")
     return 0

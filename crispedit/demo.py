@@ -15,7 +15,7 @@ from pathlib import Path
 
 
 from .curvature import collect
-from .evaluate import measure, metric, prepare_reference
+from .evaluate import metric, prepare_reference
 from .layers import find_modules
 from .model import ModelError, load_model
 from .options import GRADIENT_METHODS, DemoOptions, MethodOptions
@@ -67,7 +67,7 @@ def run_method(model, tok, requests, modules, stats, ref, method: str, gamma: fl
                             nullspace_threshold=ALPHAEDIT_RELATIVE_THRESHOLD)
     session = EditSession.start(model, tok, modules, options, stats, progress=o.progress)
     record = session.edit(requests)
-    after = measure(model, tok, ref)
+    after = session.measure(ref)
     session.restore_base()
     cap, drift = after["capability"], record["drift"]["total"]
     return {

@@ -45,6 +45,7 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -180,6 +181,7 @@ class EditSession:
         self.pending: list[EditRequest] = []  # the last chunk, whose statistics are not taken yet
         self.preserved: dict[str, Tensor] | None = None  # AlphaEdit: Σ k kᵀ of edited keys
         self.null_bases: dict[str, Tensor] | None = None  # AlphaEdit: null-space bases of C
+        self.ledger_dir: str | None = None  # where save() / load() last put or found this history
         self._record: dict | None = None
 
     @classmethod
@@ -439,6 +441,102 @@ class EditSession:
             return {}
         projectors = self.projectors or {n: KeepAll() for n in self.modules}
         return drift_report(_LazyDeltas(self), self.modules, self.cap_eig, projectors)
+
+    # -----------------------------------------------------------------------------------------
+    # the pipeline: what an edit is scored against, the chunks with their scores and ledger, the scores
+
+    def reference(self, requests: Sequence[EditRequest], template: str = "raw", heldout=(), corpus=(), known_facts=(),
+                  batch_size: int = 64):
+        """What an edit is scored against (``evaluate.prepare_reference``), measured once on the base
+        weights (swapped in: no copy)."""
+        from .evaluate import prepare_reference
+
+        with self.at_base():
+            ref = prepare_reference(self.model, self.tokenizer, requests, template, heldout, corpus, known_facts,
+                                    batch_size=batch_size, progress=self.progress)
+        ref.base_weights = self.base
+        return ref
+
+    def run(self, files: Sequence[Sequence[EditRequest]], chunk_size: int | None = None, names: Sequence[str] | None = None,
+            probe=None, eval_every: int = 1, ledger_dir: str | None = None, model_id: str | None = None,
+            log: Callable[[dict, int], None] | None = None) -> list[dict]:
+        """Edit request lists in order, each in chunks of ``chunk_size`` (a chunk never spans two lists);
+        after every chunk score the history with ``probe`` (``history.HistoryProbe``; every
+        ``eval_every`` chunks and after the last), save the ledger to ``ledger_dir`` and call
+        ``log(record, total chunks)``. Stops when the budget is spent."""
+        total = len(self.history) + sum(-(-len(f) // (chunk_size or len(f))) for f in files if f)
+
+        def after_chunk(session: "EditSession", record: dict) -> None:
+            if probe is not None and (record["chunk"] % eval_every == 0 or record["chunk"] == total):
+                record["metrics"] = probe.score(session)
+            if ledger_dir is not None:
+                session.save(ledger_dir, model_id)
+            if log is not None:
+                log(record, total)
+
+        records = []
+        for i, f in enumerate(files):
+            if f and not self.budget_spent:
+                records += self.edit_all(f, chunk_size, after_chunk, names[i] if names else None)
+        return records
+
+    def measure(self, ref, batch_size: int = 64) -> dict:
+        """``evaluate.measure`` of the model as it is now, against ``ref`` (the base: these weights swapped in)."""
+        from .evaluate import measure
+
+        ref.base_weights = self.base
+        return measure(self.model, self.tokenizer, ref, batch_size=batch_size, progress=self.progress)
+
+    # -----------------------------------------------------------------------------------------
+    # on disk (crispedit/ledger.py)
+
+    def save(self, directory: str, model_id: str | None = None, snapshot_every: int | None = None) -> None:
+        """Write this history's ledger to ``directory`` (a new one, or its own): after every chunk."""
+        from . import ledger
+
+        ledger.save(self, directory, model_id, snapshot_every)
+        self.ledger_dir = str(directory)
+
+    @classmethod
+    def load(cls, directory: str, model: nn.Module, tokenizer, modules: dict[str, nn.Module] | None = None,
+             progress: bool = False, chunk: int | None = None) -> "EditSession":
+        """The history of a ledger on ``model`` (at the ledger's base, or as the ledger left it), bit for
+        bit; ``modules`` default to the ledger's; ``chunk``: the state after that chunk (a snapshot)."""
+        from . import ledger
+        from .layers import modules_by_name
+
+        if modules is None:
+            modules = modules_by_name(model, list(ledger.read(directory)["modules"]))
+        session = ledger.load(directory, model, tokenizer, modules, progress, chunk)
+        session.ledger_dir = str(directory)
+        return session
+
+    def revert(self, to: int) -> None:
+        """Go back to the state after chunk ``to`` (0: the base) of this session's ledger, exactly: from
+        a snapshot, or by replaying the chunks after the nearest earlier one (the same bits). The
+        chunks after ``to`` stay listed in the ledger under ``reverted``."""
+        from . import ledger
+
+        directory = getattr(self, "ledger_dir", None)
+        if directory is None:
+            raise SessionError("revert works on a ledger: save the session first (session.save(DIR))")
+        info = ledger.read(directory)
+        n = len(info["chunks"])
+        if not 0 <= to <= n:
+            raise SessionError(f"--to {to}: the ledger {directory} has chunks 0..{n}")
+        self.restore_base()
+        if str(to) in info["snapshots"] or to == n:
+            ledger.revert(directory, to)
+            fresh = EditSession.load(directory, self.model, self.tokenizer, self.modules, self.progress)
+        else:
+            j = ledger.nearest_snapshot(info, to)
+            fresh = EditSession.load(directory, self.model, self.tokenizer, self.modules, self.progress, chunk=j)
+            requests = ledger.read_requests(Path(directory) / info["current"]["requests"], Path(directory))
+            for k in range(j, to):
+                fresh.edit([r for c, r in requests if c == k], info["chunks"][k].get("name"))
+                fresh.history[-1]["metrics"] = info["chunks"][k].get("metrics")
+            ledger.replace_history(directory, fresh, to)
+        self.__dict__.update(fresh.__dict__)
 
     @contextlib.contextmanager
     def at_base(self):

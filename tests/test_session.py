@@ -291,3 +291,29 @@ def test_method_options_round_trip_through_the_ledger(tmp_path):
     _run(tmp_path, [REQUESTS[:3]], o, ledger_dir=tmp_path / "L")
     assert ledger.options_of(ledger.read(tmp_path / "L")) == o
     assert dataclasses.asdict(o)["edit_weight"] == 4.0
+
+
+def test_session_save_load_revert_and_run(tmp_path):
+    """The session's own methods: run (chunks, per-chunk log and ledger), save/load, revert by snapshot
+    and by replay give the states of one uninterrupted run."""
+    o = MethodOptions(lr=1e-2, epochs=2, batch_size=2, chunk_size=2)
+    reference = _run(tmp_path, [REQUESTS[:4]], o)  # two chunks, no ledger
+    model, modules = _model()
+    session = EditSession.start(model, TOK, modules, o, collect(model, modules, CORPUS, labels="sampled"), CORPUS)
+    session.save(tmp_path / "L", "tiny", snapshot_every=2)  # snapshots after chunks 0 and 2
+    seen = []
+    session.run([REQUESTS[:4], REQUESTS[4:7]], 2, ["a", "b"], ledger_dir=str(tmp_path / "L"), model_id="tiny",
+                log=lambda record, total: seen.append((record["chunk"], total, record["name"])))
+    assert seen == [(1, 4, "a"), (2, 4, "a"), (3, 4, "b"), (4, 4, "b")]  # chunks never span two lists
+    session.revert(3)  # no snapshot after chunk 3: replayed from the one after chunk 2
+    replayed = {n: m.weight.detach().clone() for n, m in modules.items()}
+    session.revert(2)  # from its snapshot
+    assert all(torch.equal(m.weight, reference.modules[n].weight) for n, m in modules.items())
+    assert len(session.history) == 2 and len(ledger.read(tmp_path / "L")["reverted"]) == 2
+    session.edit(REQUESTS[4:6], "b")  # continue: chunk 3 again
+    assert all(torch.equal(m.weight, replayed[n]) for n, m in modules.items())
+    again, mods = _model()
+    loaded = EditSession.load(tmp_path / "L", again, TOK)
+    assert len(loaded.history) == 2 and all(torch.equal(mods[n].weight, reference.modules[n].weight) for n in mods)
+    with pytest.raises(SessionError, match="--to 9"):
+        loaded.revert(9)
