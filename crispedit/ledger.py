@@ -197,7 +197,21 @@ def describe(session, model_id: str | None) -> dict:
 
 
 def snapshot_bytes(session) -> int:
-    return _bytes(state_tensors(session)[0])
+    """What one snapshot of a state will take once the history is under way (at the start the
+    optimiser state and the edits' sums do not exist yet): ΔW, Adam's moments, float32 masters of a
+    bf16/fp16 model, and the edits' sums of a projector method that keeps them."""
+    from .saving import delta_dtype
+
+    keeps_sums = session.options.method in ("crispedit", "nullspace") and session.options.protect_edits == "merge"
+    total = 0
+    for m in session.modules.values():
+        w = m.weight
+        total += w.numel() * torch.empty((), dtype=delta_dtype(w.dtype)).element_size()
+        if session.state is not None:
+            total += 2 * 4 * w.numel() + (4 * w.numel() if w.dtype not in (torch.float32, torch.float64) else 0)
+        if keeps_sums:
+            total += 4 * sum(d * d for d in w.shape)  # A_sum (d_in²) and G_sum (d_out²), float32
+    return total
 
 
 def save(session, directory: str | Path, model_id: str | None = None, snapshot_every: int | None = None) -> Path:
@@ -210,7 +224,7 @@ def save(session, directory: str | Path, model_id: str | None = None, snapshot_e
     if snapshot_every is None:
         snapshot_every = previous.get("snapshot_every")
     if snapshot_every is None:
-        snapshot_every = 1 if _bytes(tensors) < SNAPSHOT_AUTO_BYTES else 0
+        snapshot_every = 1 if snapshot_bytes(session) < SNAPSHOT_AUTO_BYTES else 0
     if not (directory / BASE).exists():
         base, base_meta = base_tensors(session)
         _save_tensors(base, directory / BASE)

@@ -317,3 +317,24 @@ def test_session_save_load_revert_and_run(tmp_path):
     assert len(loaded.history) == 2 and all(torch.equal(mods[n].weight, reference.modules[n].weight) for n in mods)
     with pytest.raises(SessionError, match="--to 9"):
         loaded.revert(9)
+
+
+def test_snapshot_size_is_counted_for_the_history_not_its_empty_start():
+    """The automatic snapshot choice counts what a state will hold (ΔW, Adam moments, masters, the
+    edits' sums), not the nearly empty state at the start: at LLaMA-3-8B's five 4096 × 14336
+    matrices in bf16 (meta tensors: shapes only) that is 9.1 GB, far above the 256 MiB threshold."""
+    import types
+
+    from torch import nn
+
+    session, _ = _session(lr=1e-2, epochs=1)
+    n_w = sum(m.weight.numel() for m in session.modules.values())
+    sums = sum(sum(d * d for d in m.weight.shape) for m in session.modules.values())
+    assert ledger.snapshot_bytes(session) == n_w * 8 + 2 * 4 * n_w + 4 * sums  # float64 model: ΔW float64, no masters
+    big = {f"model.layers.{i}.mlp.down_proj": nn.Linear(14336, 4096, bias=False, device="meta", dtype=torch.bfloat16)
+           for i in range(19, 24)}
+    at_8b = types.SimpleNamespace(modules=big, state=object(), options=MethodOptions())
+    w = 5 * 4096 * 14336
+    assert ledger.snapshot_bytes(at_8b) == w * 4 + 2 * 4 * w + 4 * w + 4 * 5 * (14336 ** 2 + 4096 ** 2)
+    assert ledger.snapshot_bytes(at_8b) == pytest.approx(9.14e9, rel=1e-3)
+    assert ledger.snapshot_bytes(at_8b) > ledger.SNAPSHOT_AUTO_BYTES
