@@ -24,7 +24,7 @@ CLOSED_FORM_METHODS = ("memit", "alphaedit")
 METHODS = GRADIENT_METHODS + CLOSED_FORM_METHODS
 OPTIMIZERS = ("adam", "sgd", "adam-projected-step")
 PROTECT_EDITS = ("merge", "mix", "none")
-PROJECTION_DTYPES = ("float32", "tf32", "bfloat16")
+PROJECTION_DTYPES = ("auto", "float32", "tf32", "bfloat16")
 
 
 class OptionError(ValueError):
@@ -138,7 +138,7 @@ class MethodOptions:
     refresh_drift: float | None = opt(None, "recompute all statistics at the current weights when an edited matrix has moved more than this (relative Frobenius norm) since they were taken, e.g. 0.25", check=positive)
     budget: float | None = opt(None, "capability budget: the K-FAC predicted KL on the capability corpus (nats per token, cumulative since the base) never exceeds this", check=positive)
     rebuild_every: int = opt(1, "rebuild the eigenbases every K chunks (the statistics are still accumulated every chunk)", check=at_least(1))
-    projection_dtype: str = opt("float32", "precision of the projection's rotations: float32 (exact), tf32 or bfloat16", choices=PROJECTION_DTYPES)
+    projection_dtype: str = opt("auto", "precision of the projection's rotations: auto (tf32 on a GPU, float32 on a CPU), float32 (exact), tf32 or bfloat16", choices=PROJECTION_DTYPES)
     # closed-form editors (memit, alphaedit); defaults: the LLaMA-3-8B settings of the AlphaEdit authors
     v_num_grad_steps: int = opt(25, "memit/alphaedit: forward passes of the target optimisation", check=at_least(1))
     v_lr: float = opt(0.1, "memit/alphaedit: Adam learning rate of the target residual", check=positive)

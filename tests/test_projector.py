@@ -386,7 +386,7 @@ def test_float32_projection_runs_with_full_precision_whatever_the_caller_set(mon
 
 
 def test_projection_dtype_and_eigen_order_are_checked():
-    with pytest.raises(CurvatureError, match="--projection-dtype must be one of float32, tf32, bfloat16, got 'fp8'"):
+    with pytest.raises(CurvatureError, match="--projection-dtype must be one of auto, float32, tf32, bfloat16, got 'fp8'"):
         _projector((4, 6), 0.8, projection_dtype="fp8")
     e = eigh_factor(_psd(6, 0))
     unsorted = Eigen(e.values.flip(0), e.vectors.flip(1))
@@ -445,3 +445,11 @@ def test_summary_reports_the_corner_and_the_form():
     assert (s["r_A"], s["r_G"]) == (P.r_A, P.r_G) == (int(removed.any(0).sum()), int(removed.any(1).sum()))
     assert s["form"] == "corner" and s["flops"]["corner"] < s["flops"]["dense"]
     assert s["projection_dtype"] == "float32"
+
+
+def test_auto_precision_is_full_float32_on_a_cpu():
+    A, G = _factors()
+    X = torch.randn(4, 6, dtype=torch.float32, generator=torch.Generator().manual_seed(3))
+    auto = KroneckerProjector.from_factors(A.float(), G.float(), 0.8, projection_dtype="auto")
+    exact = KroneckerProjector.from_factors(A.float(), G.float(), 0.8, projection_dtype="float32")
+    assert torch.equal(auto.project(X), exact.project(X))
