@@ -436,19 +436,26 @@ def _optimise(model: nn.Module, block: nn.Module, rows: list[list[_Row]], h: Ten
                 logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits
         finally:
             handle.remove()
+        # the positions that enter the loss, picked with one index (its backward is one scatter, where a
+        # slice per row would allocate and add a logits-sized gradient per row)
+        at_b, at_t, spans = [], [], []
+        for b, (r, row) in enumerate(docs):
+            ts = [row.idx] if row.n_prompt is None else range(row.n_prompt - 1, len(row.ids) - 1)
+            spans.append((len(at_t), len(at_t) + len(ts)))
+            at_b += [b] * len(ts)
+            at_t += ts
+        lp_all = torch.log_softmax(logits[torch.tensor(at_b, device=device), torch.tensor(at_t, device=device)].to(h.dtype), -1)
         per_request = {r: [] for r in active}
         kl_now = {}
-        for b, (r, row) in enumerate(docs):
+        for (r, row), (lo, hi) in zip(docs, spans):
             if row.n_prompt is None:
-                lp = torch.log_softmax(logits[b, row.idx].to(h.dtype), -1)
+                lp = lp_all[lo]
                 if kl_init[r] is None:  # the first forward runs at δ = 0: the base model's distribution
                     kl_init[r] = lp.detach()
                 kl_now[r] = (lp.exp() * (lp - kl_init[r])).sum()
             else:
-                T = len(row.ids)
-                lp = torch.log_softmax(logits[b, row.n_prompt - 1 : T - 1].to(h.dtype), -1)
-                tgt = torch.tensor(row.ids[row.n_prompt :], device=lp.device)
-                per_request[r].append(-lp.gather(1, tgt[:, None]).mean())
+                tgt = torch.tensor(row.ids[row.n_prompt :], device=lp_all.device)
+                per_request[r].append(-lp_all[lo:hi].gather(1, tgt[:, None]).mean())
         loss = {}
         for r in active:
             nll_each = torch.stack(per_request[r])
