@@ -1,4 +1,4 @@
-"""K-FAC statistics of the capability loss (SPEC §1.2, §1.4).
+"""K-FAC statistics of the capability loss.
 
 For an edited linear map ``z = W a`` the Gauss–Newton block of the token-mean capability loss is
 approximated by ``A ⊗ G`` with, over the ``N`` labelled positions ``s`` of the corpus,

@@ -1,4 +1,4 @@
-"""Data-parallel runs under ``torchrun`` (SPEC §2.4): the process group, the device of a rank, and
+"""Data-parallel runs under ``torchrun``: the process group, the device of a rank, and
 a token-balanced split of the documents.
 
 K-FAC statistics are sums over labelled positions, so they parallelise over documents: every rank

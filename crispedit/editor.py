@@ -1,4 +1,4 @@
-"""The CrispEdit editing loop, batch mode (SPEC §1.6), and its baselines from the same code path.
+"""The CrispEdit editing loop, batch mode, and its baselines from the same code path.
 
 Only the selected matrices train. Each request becomes ``prompt + " " + target``; prompt tokens
 (BOS included) and padding carry no loss; the loss is the mean over all target tokens of the
@@ -116,7 +116,7 @@ def build_projectors(eig: dict[str, tuple[Eigen, Eigen]], method: str, gamma: fl
 
 def tokenize_requests(tokenizer, requests: Sequence[EditRequest]) -> list[tuple[list[int], int]]:
     """``(ids of prompt + " " + target, number of prompt tokens)`` per request; the prompt's
-    length is measured by tokenising the prompt alone (SPEC §1.10.7)."""
+    length is measured by tokenising the prompt alone."""
     out = []
     for r in requests:
         n_prompt = len(tokenizer(r.prompt)["input_ids"])
@@ -330,7 +330,7 @@ def run_epochs(
     constrain: Callable[[dict[str, Tensor]], None] | None = None,
     after_epoch: Callable[[int], dict[str, KroneckerProjector]] | None = None,
 ) -> tuple[int, list[float]]:
-    """The SPEC §1.6 loop over ``requests`` with the optimiser ``state``: returns (steps, epoch losses).
+    """The editing loop over ``requests`` with the optimiser ``state``: returns (steps, epoch losses).
 
     Up to ``epochs`` passes, reshuffled each epoch by a generator seeded with ``seed``; a batch whose
     loss is below ``loss_threshold`` is skipped, and the loop stops when an epoch's mean loss (skipped

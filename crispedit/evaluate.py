@@ -1,4 +1,4 @@
-"""Evaluation (SPEC §2.3): the generation and teacher-forced protocols, edit metrics before and
+"""Evaluation: the generation and teacher-forced protocols, edit metrics before and
 after, and capability drift."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Which matrices to edit: the MLP output projection of chosen blocks (SPEC §2.1).
+"""Which matrices to edit: the MLP output projection of chosen blocks.
 
 ``find_modules(model, layers, module=None)`` returns ``{full_module_name: module}``. Every
 returned module maps ``a`` (``d_in``) to ``z`` (``d_out``); ``weight_shape`` gives

@@ -1,5 +1,5 @@
 """lm-evaluation-harness on an edited model and its base: the change per task, as the paper reports
-for MMLU, GSM8K, ARC-C, TruthfulQA and IFEval (SPEC §2.3).
+for MMLU, GSM8K, ARC-C, TruthfulQA and IFEval.
 
     result = compare(edited, tokenizer, ["mmlu", "arc_challenge:acc_norm", "my_task.yaml"],
                      base_weights={name: W_base, ...})

@@ -71,27 +71,28 @@ def check_transformers(version: str | None = None) -> None:
         raise ModelError(f"crispedit needs transformers >= {need}, found {version}: pip install 'transformers>={need}'")
 
 
+def _from_pretrained(loader, name: str, option: str, what: str):
+    """``loader.from_pretrained(name)``, its failure one line naming the option and where it looked."""
+    local = _check_name(name, option)
+    try:
+        return loader.from_pretrained(name)
+    except (OSError, ValueError) as e:
+        where = "the local directory" if local else "the hub (no network, or no such model?)"
+        raise ModelError(f"{option} {name}: could not {what} from {where}: {str(e).splitlines()[0]}") from None
+
+
 def load_config(name: str, option: str = "--model"):
     """The model's configuration only (no weights): for checks before loading."""
     from transformers import AutoConfig
 
-    local = _check_name(name, option)
-    try:
-        return AutoConfig.from_pretrained(name)
-    except (OSError, ValueError) as e:
-        where = "the local directory" if local else "the hub (no network, or no such model?)"
-        raise ModelError(f"{option} {name}: could not read its configuration from {where}: {str(e).splitlines()[0]}") from None
+    return _from_pretrained(AutoConfig, name, option, "read its configuration")
 
 
 def load_tokenizer(name: str, option: str = "--model"):
+    """The model's tokenizer only."""
     from transformers import AutoTokenizer
 
-    local = _check_name(name, option)
-    try:
-        return AutoTokenizer.from_pretrained(name)
-    except (OSError, ValueError) as e:
-        where = "the local directory" if local else "the hub (no network, or no such model?)"
-        raise ModelError(f"{option} {name}: could not load the tokenizer from {where}: {str(e).splitlines()[0]}") from None
+    return _from_pretrained(AutoTokenizer, name, option, "load the tokenizer")
 
 
 def context_length(config) -> int | None:

@@ -1,4 +1,4 @@
-"""The matrix-free Kronecker-eigenbasis projector (SPEC §1.5).
+"""The matrix-free Kronecker-eigenbasis projector.
 
 For one edited matrix ``W`` (``d_out × d_in``, the orientation of ``nn.Linear``) the capability
 curvature is approximated by ``A ⊗ G`` (column-major ``vec``). With ``A = U_A diag(alpha) U_Aᵀ``
@@ -173,7 +173,7 @@ class Threshold:
 
 
 def energy_threshold(alpha: Tensor, beta: Tensor, gamma: float) -> Threshold:
-    """Apply the energy rule of SPEC §1.5 to the products ``alpha_i · beta_j`` (float64)."""
+    """Apply the energy rule to the products ``alpha_i · beta_j`` (float64)."""
     if not 0.0 <= gamma < 1.0:
         raise CurvatureError(f"gamma must lie in [0, 1), got {gamma}")
     products = torch.outer(beta.to(torch.float64), alpha.to(torch.float64)).flatten()

@@ -1,4 +1,4 @@
-"""Edit requests: one normalised record, readers for the common formats (SPEC §2.2).
+"""Edit requests: one normalised record, readers for the common formats.
 
 Formats (detected from the first record's keys, or named with ``fmt``):
 

@@ -1,4 +1,4 @@
-"""Saving an edit: the edited model, a delta file and a manifest (SPEC §2.1).
+"""Saving an edit: the edited model, a delta file and a manifest.
 
 ``OUT/`` holds the edited model (``save_pretrained``, safetensors) and its tokenizer,
 ``delta.safetensors`` (ΔW per edited matrix, in the stored orientation, float64 for float32 models

@@ -11,7 +11,7 @@ An ``EditSession`` holds everything a history needs:
 - the projectors of the current protected factors, the optimiser state (float32 masters, Adam
   moments) and the history of chunks.
 
-``session.edit(requests)`` edits one chunk (SPEC §1.6 loop with the current projectors, or MEMIT /
+``session.edit(requests)`` edits one chunk (the editing loop with the current projectors, or MEMIT /
 AlphaEdit); afterwards the chunk's edit texts (``prompt + " " + target``, the prompt *not* masked)
 get K-FAC statistics at the current weights and join the protected set (``--protect-edits merge``),
 so later chunks do not undo them. The projectors are rebuilt before the next chunk, and Adam's first
@@ -303,7 +303,7 @@ class EditSession:
         return time.perf_counter() - start
 
     def refresh(self, where: str) -> None:
-        """Recompute every source at the current weights (SPEC §1.6, optional step) and rebuild."""
+        """Recompute every source at the current weights (the optional refresh step) and rebuild."""
         start = time.perf_counter()
         self.pending = []  # the edits' sums are recomputed below, this chunk's included
         drift = self.drift_since_statistics()
