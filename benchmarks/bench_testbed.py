@@ -12,11 +12,12 @@ AlphaEdit on blocks 0-1 (the papers edit early-middle blocks, 4-8 of LLaMA-3-8B'
 CrispEdit at 0.8 and ``ft``; then MEMIT and AlphaEdit on all four blocks (the blocks CrispEdit edits).
 MEMIT and AlphaEdit share their target values where they are the same computation (``share_targets``).
 
-Sequential grid (``--only sequential``): 3,000 edits (every known edit-pool prompt if fewer) in chunks
-of 100, file order, the same seed: CrispEdit (``merge``, the default edit weight), CrispEdit with the
-authors' ``mix`` variant, CrispEdit with ``--refresh-drift 0.25``, CrispEdit with a budget, ``ft``
-with the same budget only, ``ft``, ``nullspace`` (earlier edits join the protected input
-covariance), MEMIT and AlphaEdit (AlphaEdit carries the keys of earlier edits). After every
+Sequential grid (``--only sequential``), chunks of 100, file order, the same seed: at 3,000 edits
+(every known edit-pool prompt if fewer) CrispEdit (``merge``, the default edit weight), ``ft``,
+``nullspace`` (earlier edits join the protected input covariance), CrispEdit with a budget, ``ft``
+with the same budget only, MEMIT and AlphaEdit (AlphaEdit carries the keys of earlier edits); at
+1,000 edits, where their cost is smaller, CrispEdit with the authors' ``mix`` variant and with
+``--refresh-drift 0.25`` beside plain CrispEdit at edit weights 10 and 1. After every
 ``--eval-every`` chunks: generation reliability on a fixed sample of the edits so far and on the
 first chunk, rephrases, known unedited facts, held-out KL and its K-FAC prediction; after the last
 chunk the full evaluation of the batch rows. Each run keeps a ledger in the cache and resumes from it;
@@ -96,19 +97,24 @@ def grid(n_small: int, n_large: int | None, all_blocks: list[int]) -> list[dict]
     return runs
 
 
-def sequential_grid(n: int, all_blocks: list[int], chunk: int = CHUNK, weight: float = DEFAULT_EDIT_WEIGHT) -> list[dict]:
-    """The chunked runs (chunks of ``chunk``; ``weight``: the edit weight of the projector methods)."""
+def sequential_grid(n: int, n_short: int, all_blocks: list[int], chunk: int = CHUNK,
+                    weight: float = DEFAULT_EDIT_WEIGHT) -> list[dict]:
+    """The chunked runs (chunks of ``chunk``; ``weight``: the edit weight of the projector methods), in
+    the order they are run: ``n`` edits for the methods, ``n_short`` for the variants of CrispEdit whose
+    cost grows with the history (``mix``, refresh) beside plain CrispEdit at both edit weights."""
     early = all_blocks[: max(1, len(all_blocks) // 2)]
     seq = dict(chunk_size=chunk)
     w = dict(edit_weight=weight)
-    return [  # in the order they are run
+    return [
         spec("crispedit", n, 0.8, **seq, **w),
         spec("ft", n, **seq),
         spec("nullspace", n, 0.8, **seq, **w),
         spec("crispedit", n, 0.8, budget=BUDGET, **seq, **w),
         spec("ft", n, budget=BUDGET, **seq),
-        spec("crispedit", n, 0.8, protect_edits="mix", edit_weight=1.0, **seq),  # the authors': token-weighted
-        spec("crispedit", n, 0.8, refresh_drift=0.25, **seq, **w),
+        spec("crispedit", n_short, 0.8, **seq, **w),
+        spec("crispedit", n_short, 0.8, edit_weight=1.0, **seq),
+        spec("crispedit", n_short, 0.8, protect_edits="mix", edit_weight=1.0, **seq),  # the authors': token-weighted
+        spec("crispedit", n_short, 0.8, refresh_drift=0.25, **seq, **w),
         spec("memit", n, layers=early, **seq),
         spec("alphaedit", n, layers=early, **seq),
     ]
@@ -400,7 +406,7 @@ def main() -> None:
         results["edit_weight"] = run_all(tb, weight_grid(tb.n_small, a.chunk), a)
         write_results(results, out)
     if "sequential" in a.only and tb.n_large:
-        seq = run_all(tb, sequential_grid(tb.n_large, tb.all_blocks, a.chunk, a.edit_weight), a)
+        seq = run_all(tb, sequential_grid(tb.n_large, tb.n_small, tb.all_blocks, a.chunk, a.edit_weight), a)
         batch_path = run_path(tb, spec("crispedit", tb.n_large, 0.8), a)  # the batch run of the same edits, when done
         batch = [json.loads(batch_path.read_text())["row"]] if batch_path.exists() else []
         results["sequential"] = {"rows": seq, "time": time_ratio(seq, batch), "flops_8b": flops_ratio_8b(a.chunk, tb.n_large)}
@@ -570,7 +576,7 @@ def plot_history(rows: list[dict], path: Path, chunk: int = CHUNK) -> None:
             h = [p for p in r.get("history", []) if p.get(key) is not None]
             style = "--" if r.get("budget") or r.get("protect_edits") == "mix" or r.get("refresh_drift") else "-"
             ax.plot([p["edits"] for p in h], [p[key] for p in h], style, marker="o", markersize=3,
-                    color=_colour(family(r)), label=family(r))
+                    color=_colour(family(r)), label=f"{family(r)} ({r['n']})")
         ax.set_xlabel("edits made")
         ax.set_title(label, fontsize=9)
         if key == "heldout_kl":

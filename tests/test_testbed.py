@@ -69,9 +69,11 @@ def test_grid_and_matched_reliability():
     assert methods.count("memit") == methods.count("alphaedit") == 2  # all blocks, and the early half
     assert {tuple(r["layers"]) for r in runs if r["method"] == "memit"} == {(0, 1, 2, 3), (0, 1)}
     assert sum(r["n"] == 3000 for r in runs) == 2 and len(grid(1000, None, [0, 1, 2, 3])) == len(runs) - 2
-    seq = sequential_grid(3000, [0, 1, 2, 3])
-    assert all(r["chunk_size"] == 100 and r["n"] == 3000 for r in seq)
-    assert len({family(r) for r in seq}) == len(seq)  # every sequential run has a name of its own
+    seq = sequential_grid(3000, 1000, [0, 1, 2, 3])
+    assert all(r["chunk_size"] == 100 and r["n"] in (1000, 3000) for r in seq)
+    assert {r["method"] for r in seq if r["n"] == 3000} == {"crispedit", "ft", "nullspace", "memit", "alphaedit"}
+    assert {(r.get("protect_edits"), r.get("refresh_drift")) for r in seq if r["n"] == 1000} >= {("mix", None), (None, 0.25)}
+    assert len({(family(r), r["n"]) for r in seq}) == len(seq)  # every sequential run has a name of its own
     by_family = {family(r): r for r in runs if r["n"] == 1000}
     rows = [dict(by_family[f], **{"reliability/generation": rel, "heldout_kl": kl, "generalization/generation": 0.1,
                                   "locality_agreement/generation": 0.9, "known_facts_accuracy": 0.9, "known_facts_base": 1.0,
