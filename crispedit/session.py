@@ -287,20 +287,21 @@ class EditSession:
         o = self.options
         return build_projectors(eig, o.method, o.effective_gamma(), dtype, o.projection_dtype)
 
-    def flush_statistics(self) -> float:
+    def flush_statistics(self) -> None:
         """Add the K-FAC sums of the last chunk's edit texts (``prompt + " " + target``, every position
         labelled) to the protected ``edits`` source. They are taken lazily — at the start of the next
         chunk, or when a ledger is saved — at the weights the chunk left, which nothing changes in
-        between; a batch edit that is never continued never pays for them. Returns the seconds spent."""
+        between; a batch edit that is never continued never pays for them. The tokens and seconds are
+        recorded on that chunk's record (``statistics_tokens``, ``seconds.statistics``)."""
         if not self.pending:
-            return 0.0
+            return
         start = time.perf_counter()
         chunk = self._sums(edit_documents(self.tokenizer, self.pending))
         self.sources[EDITS] = self.sources[EDITS] + chunk if EDITS in self.sources else chunk
         self.pending = []
         if self.history:
             self.history[-1]["statistics_tokens"] = chunk.tokens
-        return time.perf_counter() - start
+            self.history[-1]["seconds"]["statistics"] = time.perf_counter() - start
 
     def refresh(self, where: str) -> None:
         """Recompute every source at the current weights (the optional refresh step) and rebuild."""
@@ -346,7 +347,8 @@ class EditSession:
             raise SessionError("no request to edit")
         index = len(self.history)
         record = {"chunk": index + 1, "name": name, "requests": len(requests), "requests_sha256": requests_hash(requests),
-                  "refreshes": [], "seconds": {"statistics": self.flush_statistics()}}
+                  "refreshes": [], "seconds": {"statistics": 0.0}}  # set when this chunk's statistics are taken
+        self.flush_statistics()  # the previous chunk's
         self._record = record
         start = time.perf_counter()
         record["seconds"]["rebuild"] = self.rebuild()
