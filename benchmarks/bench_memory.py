@@ -51,8 +51,6 @@ BUDGET_BEYOND_MODEL = 12e9  # the issue's target on an A40: 48 GB less the model
 FURTHER = {
     "editor.eigenbases: the float64 eigh of a large factor on the CPU (as before commit 594840f), only the "
     "float32 vectors moved to the device": ("eigendecomposition", "eigh", {"factor": 0.0, "eigh_scratch": 0.0}),
-    "editor.drift_report: norms with dtype=float64 instead of float64 copies, ΔW − PΔW in float32, one "
-    "matrix's ΔW at a time": ("drift_report", "report", {"deltas": 0.2, "float64_copies": 0.0, "rotations": 1.0}),
     "EditOptimizer: torch.optim.Adam(..., fused=True) on CUDA (no foreach scratch)":
         ("edit_step", "adam_step", {"adam_scratch": 0.0}),
     "run_edit: drop the optimiser state (masters, Adam moments) before the evaluation of a run that no "

@@ -444,7 +444,7 @@ def time_ratio(seq: list[dict], batch: list[dict]) -> dict:
     return {"n": s["n"], "sequential_s": sum(parts.values()), "sequential_parts_s": parts,
             "sequential_wall_with_history_scores_s": s["seconds"]["edit_wall"], "batch_wall_s": b["seconds"]["edit_wall"],
             "ratio_wall": sum(parts.values()) / b["seconds"]["edit_wall"],
-            "note": "statistics of a chunk are taken lazily inside the next rebuild (counted there)"}
+            "note": "a chunk's statistics seconds are recorded on it from version 0.2.0's fix on (0 in runs made before)"}
 
 
 def flops_ratio_8b(chunk: int, n: int, tokens_per_request: int = 20, epochs_per_chunk: float = 12.0) -> dict:

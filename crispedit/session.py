@@ -407,7 +407,9 @@ class EditSession:
         if o.method == "alphaedit":
             self.preserved, self.null_bases = result.preserved, result.null_bases
         check_finite(self.modules)
+        probs = [loss["prob"] for loss in result.targets.losses]
         record.update(steps=int(sum(result.targets.steps)),  # target-optimisation steps over all requests
+                      target_probability=sum(probs) / len(probs),  # mean P(target) at z: how well the targets fit
                       layers=result.layers, residual_after=result.residual_after,
                       seconds_targets=result.seconds_targets)
 
