@@ -444,7 +444,8 @@ def _optimise(model: nn.Module, block: nn.Module, rows: list[list[_Row]], h: Ten
             spans.append((len(at_t), len(at_t) + len(ts)))
             at_b += [b] * len(ts)
             at_t += ts
-        lp_all = torch.log_softmax(logits[torch.tensor(at_b, device=device), torch.tensor(at_t, device=device)].to(h.dtype), -1)
+        picked = logits[torch.tensor(at_b, device=device), torch.tensor(at_t, device=device)]
+        lp_all = torch.log_softmax(picked.to(h.dtype), -1)
         per_request = {r: [] for r in active}
         kl_now = {}
         for (r, row), (lo, hi) in zip(docs, spans):
