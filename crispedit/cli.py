@@ -434,7 +434,7 @@ def run_edit(o: EditOptions, given: set) -> int:
     from .corpus import read_documents
     from .curvature import check_fingerprint, collect, load
     from .history import HistoryProbe
-    from .layers import find_modules, parse_layers
+    from .layers import find_modules, modules_by_name, parse_layers
     from .model import context_length, load_config, load_model, load_tokenizer
     from .requests import check_subjects, read_request_files, read_requests, select
     from .saving import check_out, file_hash, save_edit
@@ -497,12 +497,8 @@ def run_edit(o: EditOptions, given: set) -> int:
     # 4. the weights
     model, tok = load_model(o.model, o.device, o.dtype, tokenizer=tok, device_map=o.device_map)
     if info is not None:
-        from .layers import modules_by_name
-
         modules = modules_by_name(model, list(info["modules"]))
     elif layers is None:  # the layers of the curvature file
-        from .layers import modules_by_name
-
         modules = modules_by_name(model, stats.names, "--curvature")
     else:
         modules = find_modules(model, parse_layers(layers), o.module)
@@ -516,9 +512,7 @@ def run_edit(o: EditOptions, given: set) -> int:
             from .curvature import check_matches
 
             check_matches(stats, modules, f"--curvature {o.curvature}")
-            if not o.allow_other_checkpoint:
-                from .layers import modules_by_name  # the fingerprint covers every matrix of the file
-
+            if not o.allow_other_checkpoint:  # the fingerprint covers every matrix of the file
                 check_fingerprint(stats, modules_by_name(model, stats.names, f"--curvature {o.curvature}"),
                                   f"--curvature {o.curvature}")
         elif corpus:
@@ -712,10 +706,9 @@ def _revert_ledger(o: RevertOptions, given: set) -> int:
 
     dtype = o.dtype if "dtype" in given else info["model_dtype"]
     model, tok = load_model(o.model or info["model"], o.device, dtype, device_map=o.device_map)
-    session = EditSession.load(o.ledger, model, tok, progress=o.progress)
     j = ledger.nearest_snapshot(info, o.to)
     _log(f"replaying chunks {j + 1}..{o.to} from {'the snapshot after chunk ' + str(j) if j else 'the base'}")
-    session.revert(o.to)
+    EditSession.replayed(o.ledger, model, tok, o.to, progress=o.progress)
     print(f"{o.ledger}: state after chunk {o.to} restored by replaying chunks {j + 1}..{o.to} "
           f"({n - o.to} later chunk(s) kept under 'reverted')")
     return 0

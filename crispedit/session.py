@@ -521,7 +521,7 @@ class EditSession:
         chunks after ``to`` stay listed in the ledger under ``reverted``."""
         from . import ledger
 
-        directory = getattr(self, "ledger_dir", None)
+        directory = self.ledger_dir
         if directory is None:
             raise SessionError("revert works on a ledger: save the session first (session.save(DIR))")
         info = ledger.read(directory)
@@ -533,14 +533,27 @@ class EditSession:
             ledger.revert(directory, to)
             fresh = EditSession.load(directory, self.model, self.tokenizer, self.modules, self.progress)
         else:
-            j = ledger.nearest_snapshot(info, to)
-            fresh = EditSession.load(directory, self.model, self.tokenizer, self.modules, self.progress, chunk=j)
-            requests = ledger.read_requests(Path(directory) / info["current"]["requests"], Path(directory))
-            for k in range(j, to):
-                fresh.edit([r for c, r in requests if c == k], info["chunks"][k].get("name"))
-                fresh.history[-1]["metrics"] = info["chunks"][k].get("metrics")
-            ledger.replace_history(directory, fresh, to)
+            fresh = EditSession.replayed(directory, self.model, self.tokenizer, to, self.modules, self.progress)
         self.__dict__.update(fresh.__dict__)
+
+    @classmethod
+    def replayed(cls, directory: str, model: nn.Module, tokenizer, to: int, modules: dict[str, nn.Module] | None = None,
+                 progress: bool = False) -> "EditSession":
+        """The state after chunk ``to`` of a ledger without a snapshot of it, on ``model`` at the
+        ledger's base: the nearest earlier snapshot (or the base) loaded and the chunks after it edited
+        again, which gives the same bits; the ledger then records ``to`` as its current state, the
+        later chunks under ``reverted``."""
+        from . import ledger
+
+        info = ledger.read(directory)
+        j = ledger.nearest_snapshot(info, to)
+        session = cls.load(directory, model, tokenizer, modules, progress, chunk=j)
+        requests = ledger.read_requests(Path(directory) / info["current"]["requests"], Path(directory))
+        for k in range(j, to):
+            session.edit([r for c, r in requests if c == k], info["chunks"][k].get("name"))
+            session.history[-1]["metrics"] = info["chunks"][k].get("metrics")
+        ledger.replace_history(directory, session, to)
+        return session
 
     @contextlib.contextmanager
     def at_base(self):
