@@ -196,22 +196,38 @@ def describe(session, model_id: str | None) -> dict:
     }
 
 
-def snapshot_bytes(session) -> int:
-    """What one snapshot of a state will take once the history is under way (at the start the
-    optimiser state and the edits' sums do not exist yet): ΔW, Adam's moments, float32 masters of a
-    bf16/fp16 model, and the edits' sums of a projector method that keeps them."""
+def state_file_bytes(shapes, dtype: torch.dtype, optimizer: bool = True, edit_sums: bool = True) -> dict[str, int]:
+    """Bytes of a state file (and so of a snapshot) once a history is under way, by part, from the
+    edited matrices' shapes ``(d_out, d_in)`` and the model's dtype: ΔW in the delta dtype; the
+    weights themselves where that dtype is the model's own (float64: no wider dtype makes W0 + ΔW
+    exact); the edits' K-FAC sums of a method that keeps them (float32 ``A_sum`` d_in², ``G_sum``
+    d_out²); with an optimiser, float32 masters of a bf16/fp16 model and Adam's two moments in the
+    masters' dtype. ``crispedit plan`` counts the ledger with it too."""
+    from .editor import master_dtype
     from .saving import delta_dtype
 
-    keeps_sums = session.options.method in ("crispedit", "nullspace") and session.options.protect_edits == "merge"
-    total = 0
-    for m in session.modules.values():
-        w = m.weight
-        total += w.numel() * torch.empty((), dtype=delta_dtype(w.dtype)).element_size()
-        if session.state is not None:
-            total += 2 * 4 * w.numel() + (4 * w.numel() if w.dtype not in (torch.float32, torch.float64) else 0)
-        if keeps_sums:
-            total += 4 * sum(d * d for d in w.shape)  # A_sum (d_in²) and G_sum (d_out²), float32
-    return total
+    item = lambda dt: torch.empty((), dtype=dt).element_size()  # noqa: E731
+    b, m, bd = item(dtype), item(master_dtype(dtype)), item(delta_dtype(dtype))
+    W = sum(o * i for o, i in shapes)
+    parts = {"delta": W * bd}
+    if bd == b:
+        parts["weights"] = W * b
+    if edit_sums:
+        parts["edit_sums"] = 4 * sum(o * o + i * i for o, i in shapes)
+    if optimizer:
+        parts["masters"] = W * 4 if b < 4 else 0
+        parts["adam_moments"] = 2 * W * m
+    return parts
+
+
+def snapshot_bytes(session) -> int:
+    """What one snapshot of a state will take once the history is under way (at the start the
+    optimiser state and the edits' sums do not exist yet): ``state_file_bytes`` of the session."""
+    o = session.options
+    shapes = [tuple(m.weight.shape) for m in session.modules.values()]
+    dtype = next(iter(session.modules.values())).weight.dtype
+    keeps_sums = o.method in ("crispedit", "nullspace") and o.protect_edits == "merge"
+    return sum(state_file_bytes(shapes, dtype, session.state is not None, keeps_sums).values())
 
 
 def save(session, directory: str | Path, model_id: str | None = None, snapshot_every: int | None = None) -> Path:

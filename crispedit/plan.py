@@ -326,16 +326,15 @@ def plan(model: str, layers: str = "auto", module: str | None = None, dtype: str
     }
 
     # --- the ledger on disk
-    state_file = {"delta": W * bd, "edit_sums": sums, "masters": state["masters"],
-                  "adam_moments": state["adam_moments"]}
-    if bd == b:  # a float64 model: the weights themselves are kept too
-        state_file["weights"] = W * b
+    from .ledger import SNAPSHOT_AUTO_BYTES, state_file_bytes
+
+    state_file = state_file_bytes(shapes.values(), torch_dtype)
     ledger = {
         "base": {"capability_sums": sums, "corpus_ids": a["corpus_documents"] * a["document_tokens"] * 8},
         "per_chunk_state": state_file,
         "delta_file": W * bd,
         "snapshot_per_chunk": sum(state_file.values()),
-        "snapshots_by_default": sum(state_file.values()) < (256 << 20),
+        "snapshots_by_default": sum(state_file.values()) < SNAPSHOT_AUTO_BYTES,
     }
     ledger["total_one_chunk"] = sum(ledger["base"].values()) + sum(state_file.values()) + ledger["delta_file"]
 

@@ -328,9 +328,11 @@ def test_snapshot_size_is_counted_for_the_history_not_its_empty_start():
     from torch import nn
 
     session, _ = _session(lr=1e-2, epochs=1)
-    n_w = sum(m.weight.numel() for m in session.modules.values())
-    sums = sum(sum(d * d for d in m.weight.shape) for m in session.modules.values())
-    assert ledger.snapshot_bytes(session) == n_w * 8 + 2 * 4 * n_w + 4 * sums  # float64 model: ΔW float64, no masters
+    counted = ledger.snapshot_bytes(session)  # at the start, before anything of it exists
+    session.edit(REQUESTS[:4])
+    tensors, _ = ledger.state_tensors(session)
+    # exactly the state file after a chunk: float64 model, so ΔW, W itself and Adam's moments in float64
+    assert counted == sum(t.numel() * t.element_size() for t in tensors.values())
     big = {f"model.layers.{i}.mlp.down_proj": nn.Linear(14336, 4096, bias=False, device="meta", dtype=torch.bfloat16)
            for i in range(19, 24)}
     at_8b = types.SimpleNamespace(modules=big, state=object(), options=MethodOptions())
