@@ -8,20 +8,29 @@ Every run goes through ``crispedit.session.EditSession`` (the pipeline of ``cris
 
 Batch grid (``--only batch``), 1,000 edits in one batch: ``ft``; CrispEdit (sampled labels) at gamma
 0.5/0.8/0.9/0.95/0.99 and with ``adam-projected-step`` at 0.8; ``nullspace`` at 0.8/0.9; MEMIT and
-AlphaEdit on blocks 0-1 (the papers edit early-middle blocks, 4-8 of LLaMA-3-8B's 32); at 3,000 edits
-CrispEdit at 0.8 and ``ft``; then MEMIT and AlphaEdit on all four blocks (the blocks CrispEdit edits).
-MEMIT and AlphaEdit share their target values where they are the same computation (``share_targets``).
+AlphaEdit on blocks 0-1 (the papers edit early-middle blocks, 4-8 of LLaMA-3-8B's 32) with the
+AlphaEdit authors' LLaMA-3-8B target settings and with the ones CrispEdit's authors ran them with
+(EasyEdit's: lr 0.5, clamp 4, decay 1e-3; ``CLOSED_FORM_SETTINGS``); at 3,000 edits CrispEdit at 0.8
+and ``ft``; then MEMIT and AlphaEdit on all four blocks (the blocks CrispEdit edits, EasyEdit's
+settings); at 100 edits (``LOAD_EDITS``: the keys' share of the matrices' inputs that 1,000 edits
+have at LLaMA-3-8B) CrispEdit at 0.8, ``ft`` and MEMIT and AlphaEdit on blocks 0-1 at both settings.
+AlphaEdit takes MEMIT's target values when it runs right after MEMIT on the same requests (the same
+computation at the same weights; its time then excludes the target optimisation).
 
 Sequential grid (``--only sequential``), chunks of 100, file order, the same seed: at 3,000 edits
 (every known edit-pool prompt if fewer) CrispEdit (``merge``, the default edit weight), ``ft``,
 ``nullspace`` (earlier edits join the protected input covariance), CrispEdit with a budget, ``ft``
-with the same budget only, MEMIT and AlphaEdit (AlphaEdit carries the keys of earlier edits); at
+with the same budget only, MEMIT and AlphaEdit on blocks 0-1 with EasyEdit's settings (AlphaEdit
+carries the keys of earlier edits and optimises its own targets after the first chunk); at
 1,000 edits, where their cost is smaller, CrispEdit with the authors' ``mix`` variant and with
 ``--refresh-drift 0.25`` beside plain CrispEdit at edit weights 10 and 1. After every
 ``--eval-every`` chunks: generation reliability on a fixed sample of the edits so far and on the
 first chunk, rephrases, known unedited facts, held-out KL and its K-FAC prediction; after the last
 chunk the full evaluation of the batch rows. Each run keeps a ledger in the cache and resumes from it;
-``--cached-only`` writes the results of the runs made so far and runs nothing.
+``--cached-only`` writes the results of the runs made so far and runs nothing; ``--rows TEXT...`` runs
+only the rows whose name and size (``memit blocks 0-1 EasyEdit n1000``) hold every word of one of
+the texts, the others from the cache (two processes can split a grid; a last ``--cached-only`` run
+writes it whole).
 
 ``--only weights``: the choice of the default ``--edit-weight`` (CrispEdit sequential at 1,000 edits in
 chunks of 100 with several weights).
@@ -64,12 +73,17 @@ GAMMAS = (0.5, 0.8, 0.9, 0.95, 0.99)
 HELDOUT_DOCS = 200
 METRICS = ("reliability", "generalization", "locality_agreement", "locality_accuracy")
 CHUNK = 100
+# edits whose keys fill about a tenth of the edited matrices' 1,024 inputs, as 1,000 edits do of LLaMA-3-8B's 14,336
+LOAD_EDITS = 100
 BUDGET = 0.02  # nats/token of predicted capability drift for the budget rows (about half of what CrispEdit γ 0.8 predicts at 3,000 edits)
 EDIT_WEIGHTS = (1.0, 10.0, 100.0)
 DEFAULT_EDIT_WEIGHT = MethodOptions().edit_weight
 WIDTH_8B = 14336  # MEMIT's λ = 15,000 is matched to LLaMA-3-8B's d_in; scaled by d_in / 14,336 here
 # AlphaEdit's null space: eigenvalues of C below this fraction of the largest (2e-2 absolute is LLaMA-3's scale)
 ALPHAEDIT_RELATIVE = 1e-2
+# target-optimisation settings of the closed-form rows: the AlphaEdit authors' LLaMA-3-8B file (the options'
+# defaults) and EasyEdit's (CrispEdit's authors ran MEMIT and AlphaEdit with it)
+CLOSED_FORM_SETTINGS = {"authors": {}, "easyedit": dict(v_lr=0.5, clamp_norm_factor=4.0, v_weight_decay=1e-3)}
 
 
 def default_testbed() -> Path:
@@ -91,9 +105,12 @@ def grid(n_small: int, n_large: int | None, all_blocks: list[int]) -> list[dict]
     runs += [spec("nullspace", n_small, g) for g in (0.8, 0.9)]
     early = all_blocks[: max(1, len(all_blocks) // 2)]
     runs += [spec(m, n_small, layers=early) for m in ("memit", "alphaedit")]
+    runs += [spec(m, n_small, layers=early, settings="easyedit") for m in ("memit", "alphaedit")]
     if n_large:
         runs += [spec("crispedit", n_large, 0.8), spec("ft", n_large)]
-    runs += [spec(m, n_small, layers=all_blocks) for m in ("memit", "alphaedit")]
+    runs += [spec(m, n_small, layers=all_blocks, settings="easyedit") for m in ("memit", "alphaedit")]
+    runs += [spec("crispedit", LOAD_EDITS, 0.8), spec("ft", LOAD_EDITS)]
+    runs += [spec(m, LOAD_EDITS, layers=early, **st) for st in ({}, {"settings": "easyedit"}) for m in ("memit", "alphaedit")]
     return runs
 
 
@@ -115,8 +132,8 @@ def sequential_grid(n: int, n_short: int, all_blocks: list[int], chunk: int = CH
         spec("crispedit", n_short, 0.8, edit_weight=1.0, **seq),
         spec("crispedit", n_short, 0.8, protect_edits="mix", edit_weight=1.0, **seq),  # the authors': token-weighted
         spec("crispedit", n_short, 0.8, refresh_drift=0.25, **seq, **w),
-        spec("memit", n, layers=early, **seq),
-        spec("alphaedit", n, layers=early, **seq),
+        spec("memit", n, layers=early, settings="easyedit", **seq),
+        spec("alphaedit", n, layers=early, settings="easyedit", **seq),
     ]
 
 
@@ -130,7 +147,7 @@ def family(r: dict) -> str:
     if r.get("optimizer", "adam") != "adam":
         name += " projected-step"
     if r["method"] in ("memit", "alphaedit"):
-        name += f" blocks {r['layers'][0]}-{r['layers'][-1]}"
+        name += f" blocks {r['layers'][0]}-{r['layers'][-1]}" + (" EasyEdit" if r.get("settings") == "easyedit" else "")
     if r.get("chunk_size"):
         name += " seq"
         if r.get("protect_edits") == "mix":
@@ -194,6 +211,7 @@ class Testbed:
             save(collect(self.model, modules, self.curvature_docs, labels="sampled", seed=seed), path_stats)
         self.stats = load(path_stats)
         self.references: dict[int, object] = {}
+        self.targets: dict[str, object] = {}  # MEMIT's target values of a batch run, for the AlphaEdit run after it
 
     def modules(self, blocks: list[int]):
         return find_modules(self.model, blocks)
@@ -220,42 +238,13 @@ class Testbed:
             optimizer=s.get("optimizer", "adam"), chunk_size=s.get("chunk_size"),
             edit_weight=s.get("edit_weight", DEFAULT_EDIT_WEIGHT), protect_edits=s.get("protect_edits", "merge"),
             refresh_drift=s.get("refresh_drift"), budget=s.get("budget"),
-            mom2_update_weight=15000.0 * d_in / WIDTH_8B, nullspace_relative=True, nullspace_threshold=ALPHAEDIT_RELATIVE)
+            mom2_update_weight=15000.0 * d_in / WIDTH_8B, nullspace_relative=True, nullspace_threshold=ALPHAEDIT_RELATIVE,
+            **CLOSED_FORM_SETTINGS[s.get("settings", "authors")])
 
     def session(self, s: dict, options: MethodOptions) -> EditSession:
         modules = self.modules(s.get("layers", self.all_blocks))
         return EditSession.start(self.model, self.tok, modules, options, self.stats_for(modules), self.curvature_docs,
                                  eigen_cache=str(self.cache / "eigh"))
-
-
-def share_targets(directory: Path) -> None:
-    """MEMIT and AlphaEdit optimise the same target values for the same requests at the same weights
-    (same prefixes, options and seed): compute them once, keep them in ``directory`` keyed by all of
-    that, and let the second method read them (its time then excludes the target optimisation)."""
-    import dataclasses
-
-    from crispedit import memit
-
-    compute = memit.compute_targets
-
-    def shared(model, tokenizer, block, requests, prefixes, config=None, progress=False):
-        h = hashlib.sha256()
-        for p in model.parameters():
-            h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-        name = next(n for n, m in model.named_modules() if m is block)
-        what = [name, [[r.prompt, r.target_new, r.subject] for r in requests], prefixes,
-                dataclasses.asdict(config or memit.MemitConfig())]
-        h.update(json.dumps(what, sort_keys=True).encode())
-        path = directory / f"{h.hexdigest()[:24]}.pt"
-        if path.exists():
-            return memit.Targets(**torch.load(path))
-        targets = compute(model, tokenizer, block, requests, prefixes, config, progress)
-        directory.mkdir(parents=True, exist_ok=True)
-        torch.save(dataclasses.asdict(targets), path.with_suffix(".tmp"))
-        path.with_suffix(".tmp").rename(path)
-        return targets
-
-    memit.compute_targets = shared
 
 
 def row_of(s: dict, session: EditSession, after: dict, ref, seconds: dict) -> dict:
@@ -281,7 +270,8 @@ def row_of(s: dict, session: EditSession, after: dict, ref, seconds: dict) -> di
     if s.get("chunk_size"):
         row["history"] = [{"chunk": r["chunk"], "edits": r["metrics"]["edits"], **{k: r["metrics"].get(k) for k in (
             "reliability", "first_chunk_reliability", "rephrase", "known_facts_accuracy", "heldout_kl", "predicted_kl")},
-            "seconds": r["seconds"], "refreshes": len(r["refreshes"]), "budget": r.get("budget")}
+            "seconds": r["seconds"], "refreshes": len(r["refreshes"]), "budget": r.get("budget"),
+            "target_probability": r.get("target_probability")}
             for r in history if r.get("metrics")]
     return row
 
@@ -293,6 +283,7 @@ def run(tb: Testbed, s: dict, a) -> dict:
     options = tb.options(s, a.lr, a.epochs)
     w0, c0 = time.perf_counter(), cpu_seconds()
     requests = tb.usable[:n]
+    shared = None  # MEMIT's targets, when this is the AlphaEdit batch run right after it
     if s.get("chunk_size"):
         key = hashlib.sha256(json.dumps(dict(s, v=__version__, t=tb.hash), sort_keys=True).encode()).hexdigest()[:20]
         ledger_dir = tb.cache / "ledgers" / key
@@ -305,8 +296,11 @@ def run(tb: Testbed, s: dict, a) -> dict:
 
         def log(record, total):
             m = record.get("metrics") or {}
-            print(f"  chunk {record['chunk']}/{total}: steps {record.get('steps')} loss {record.get('final_loss') or 0:.4f} "
-                  f"pred. KL {record['drift']['total']['predicted_kl']:.4f}"
+            loss = record.get("final_loss")
+            print(f"  chunk {record['chunk']}/{total}: steps {record.get('steps')}"
+                  + (f" loss {loss:.4f}" if loss is not None else "")
+                  + f" pred. KL {record['drift']['total']['predicted_kl']:.4f}"
+                  + (f" P(target) {record['target_probability']:.2f}" if "target_probability" in record else "")
                   + (f" reliab. {m['reliability']:.3f} first {m['first_chunk_reliability']:.3f} known "
                      f"{m.get('known_facts_accuracy', 0):.3f} KL {m['heldout_kl']:.4f}" if m else "")
                   + f" [{sum(record['seconds'].values()):.1f} s]", flush=True)
@@ -315,12 +309,21 @@ def run(tb: Testbed, s: dict, a) -> dict:
                     str(tb.path), log)
     else:
         session = tb.session(s, options)
-        session.edit(requests)
+        key = json.dumps([n, s.get("layers"), s.get("settings")])
+        shared = tb.targets.pop(key, None) if s["method"] == "alphaedit" else None
+        session.edit(requests, targets=shared)
+        if s["method"] == "memit":
+            tb.targets[key] = session.targets
     edit_wall, edit_cpu = time.perf_counter() - w0, cpu_seconds() - c0
     after = session.measure(ref)
     seconds = {"edit_wall": edit_wall, "edit_cpu": edit_cpu, "total_wall": time.perf_counter() - w0,
                "total_cpu": cpu_seconds() - c0}
     row = row_of(s, session, after, ref, seconds)  # (the drift of the edited weights: before the base is back)
+    if s["method"] in ("memit", "alphaedit"):
+        probs = [r["target_probability"] for r in session.history]
+        row.update(target_probability=sum(probs) / len(probs),  # the mean over chunks of their mean P(target)
+                   targets_seconds=sum(r.get("seconds_targets", 0.0) for r in session.history),
+                   targets_from_memit=shared is not None)
     session.restore_base()
     return {"row": row, "per_request": after["per_request"]}
 
@@ -336,8 +339,10 @@ def run_all(tb: Testbed, specs: list[dict], a) -> list[dict]:
     rows = []
     for s in specs:
         path = run_path(tb, s, a)
-        if a.cached_only and not path.exists():
-            print(f"{family(s)} γ {s['gamma']} n {s['n']}: not run (--cached-only)", flush=True)
+        words = set(f"{family(s)} n{s['n']}".split())
+        chosen = not a.rows or any(set(t.split()) <= words for t in a.rows)
+        if (a.cached_only or not chosen) and not path.exists():
+            print(f"{family(s)} γ {s['gamma']} n {s['n']}: not run (not cached; --cached-only or --rows)", flush=True)
             continue
         t0 = time.perf_counter()
         print(f"{family(s)} γ {s['gamma']} n {s['n']} ...", flush=True)
@@ -364,6 +369,8 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=CHUNK, help="requests per chunk of the sequential runs")
     ap.add_argument("--edit-weight", type=float, default=DEFAULT_EDIT_WEIGHT, help="edit weight of the sequential runs")
     ap.add_argument("--cached-only", action="store_true", help="report the runs already made; run nothing new")
+    ap.add_argument("--rows", nargs="+", default=None, metavar="TEXT",
+                    help="run only the rows whose name and size ('ft n1000') hold every word of one of these texts (the others from the cache)")
     ap.add_argument("--eval-every", type=int, default=5, help="sequential runs: score the history every K chunks")
     ap.add_argument("--eval-sample", type=int, default=500, help="sequential runs: edits scored per evaluation")
     ap.add_argument("--only", nargs="+", default=["batch", "weights", "sequential", "stories"],
@@ -374,7 +381,6 @@ def main() -> None:
         sys.exit(f"no testbed in {testbed}: build one with python benchmarks/build_testbed.py")
     torch.set_num_threads(a.threads)
     tb = Testbed(testbed, Path(a.cache), a.seed, *a.edits)
-    share_targets(tb.cache / "targets")
     out = Path(a.out)
     results = json.loads(out.read_text()) if out.exists() else {}
     if results.get("version") != __version__:
@@ -401,7 +407,7 @@ def main() -> None:
         results.update(rows=rows, matched_reliability=matched(rows, tb.n_small))
         write_results(results, out)
         print(table(rows))
-        plot(rows, Path(a.plot))
+        plot(rows, Path(a.plot), tb.n_small)
     if "weights" in a.only:
         results["edit_weight"] = run_all(tb, weight_grid(tb.n_small, a.chunk), a)
         write_results(results, out)
@@ -530,15 +536,15 @@ def _save(fig, path: Path) -> None:
     tmp.replace(path)
 
 
-def plot(rows: list[dict], path: Path) -> None:
-    """Edit success against capability drift (held-out KL; known-fact accuracy lost), per method across γ."""
+def plot(rows: list[dict], path: Path, n_small: int) -> None:
+    """Edit success against capability drift (held-out KL; known-fact accuracy lost), per method across γ
+    at ``n_small`` edits (lines), the other sizes as squares."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.3), sharey=True)
-    n_small = min(r["n"] for r in rows)
     for ax, x, label in ((axes[0], lambda r: r["heldout_kl"], "mean KL(base ‖ edited) on held-out WikiText (nats/token)"),
                          (axes[1], known_lost, "known unedited facts lost (accuracy points)")):
         for f in sorted({family(r) for r in rows if r["n"] == n_small}):

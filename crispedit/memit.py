@@ -419,6 +419,7 @@ def _optimise(model: nn.Module, block: nn.Module, rows: list[list[_Row]], h: Ten
     kl_init: list[Tensor | None] = [None] * n
     steps, last = [0] * n, [dict() for _ in range(n)]
     active = list(range(n))
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     for it in range(cfg.v_num_grad_steps):
         docs = [(r, row) for r in active for row in rows[r]]
         ids, attn, where = pad_batch([row.ids for _, row in docs], [[row.idx] for _, row in docs], device)
@@ -430,21 +431,31 @@ def _optimise(model: nn.Module, block: nn.Module, rows: list[list[_Row]], h: Ten
             x = x + torch.zeros_like(x).index_put((b_at, t_at), delta[owner].to(x.dtype))
             return (x, *out[1:]) if isinstance(out, tuple) else x
 
-        handle = block.register_forward_hook(add_delta)
-        try:
-            with torch.enable_grad():
-                logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits
-        finally:
-            handle.remove()
-        # the positions that enter the loss, picked with one index (its backward is one scatter, where a
-        # slice per row would allocate and add a logits-sized gradient per row)
+        # the positions that enter the loss, in one index: the output head runs on them alone (a hook on its
+        # input), and the backward is one scatter, where a slice per row would allocate and add a
+        # logits-sized gradient per row
         at_b, at_t, spans = [], [], []
         for b, (r, row) in enumerate(docs):
             ts = [row.idx] if row.n_prompt is None else range(row.n_prompt - 1, len(row.ids) - 1)
             spans.append((len(at_t), len(at_t) + len(ts)))
             at_b += [b] * len(ts)
             at_t += ts
-        picked = logits[torch.tensor(at_b, device=device), torch.tensor(at_t, device=device)]
+        at = (torch.tensor(at_b, device=device), torch.tensor(at_t, device=device))
+
+        def pick(mod, args):
+            x = args[0]
+            return (x[at[0].to(x.device), at[1].to(x.device)][None], *args[1:])
+
+        handles = [block.register_forward_hook(add_delta)]
+        if head is not None:
+            handles.append(head.register_forward_pre_hook(pick))
+        try:
+            with torch.enable_grad():
+                logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits
+        finally:
+            for handle in handles:
+                handle.remove()
+        picked = logits[0] if head is not None else logits[at]
         lp_all = torch.log_softmax(picked.to(h.dtype), -1)
         per_request = {r: [] for r in active}
         kl_now = {}
@@ -503,6 +514,19 @@ class ClosedFormResult:
     seconds_targets: float
 
 
+def _check_targets(targets: Targets, h: Tensor) -> None:
+    """Targets given by the caller must belong to these requests at these weights: their ``h`` is the
+    block output at the subject now (float rounding of the same forward aside)."""
+    if targets.h.shape != h.shape:
+        raise MemitError(f"targets for {targets.h.shape[0]} requests of width {targets.h.shape[1]}, "
+                         f"editing {h.shape[0]} of width {h.shape[1]}")
+    scale = h.norm(dim=1).clamp_min(1e-30)
+    off = float(((targets.h.to(h) - h).norm(dim=1) / scale).max())
+    if off > 1e-3:
+        raise MemitError(f"the targets were optimised at other weights or for other requests (subject hidden "
+                         f"states differ by {off:.2g} of their norm); optimise them again")
+
+
 def _ordered(model: nn.Module, modules: dict[str, nn.Module]) -> list[tuple[str, nn.Module, int]]:
     """``(name, module, block index)`` in block order; one edited matrix per block."""
     blocks_name, _ = decoder_blocks(model)
@@ -533,6 +557,7 @@ def apply_closed_form(
     prefixes: Prefixes | None = None,
     seed: int = 0,
     progress: bool = False,
+    targets: Targets | None = None,
 ) -> ClosedFormResult:
     """Edit ``model`` in place with MEMIT or AlphaEdit; returns ΔW per matrix and what was done.
 
@@ -540,8 +565,11 @@ def apply_closed_form(
     ``preserved[name]`` (AlphaEdit, sequential): ``Σ k kᵀ`` of the keys of earlier edits, as returned
     by the previous call. ``null_bases``: ``U`` per matrix from a previous call (else computed from
     ``C``). ``prefixes``: groups of context prefixes (default ``context_prefixes(model, tokenizer,
-    seed)``). Weights may have any dtype; the solves run in ``config.solve_dtype`` on each matrix's
-    device and the update is applied as ``(W.to(float64) + ΔW).to(W.dtype)``."""
+    seed)``). ``targets``: the target values of an earlier call on the same requests at the same
+    weights (MEMIT's serve AlphaEdit: the optimisation, the slow part, is the same computation);
+    refused unless their ``h`` is the block output at the subject now. Weights may have any dtype;
+    the solves run in ``config.solve_dtype`` on each matrix's device and the update is applied as
+    ``(W.to(float64) + ΔW).to(W.dtype)``."""
     from tqdm.auto import tqdm
 
     cfg = config or MemitConfig()
@@ -580,7 +608,10 @@ def apply_closed_form(
             prefixes = context_prefixes(model, tokenizer, seed, cfg.prefix_count, cfg.prefix_length, cfg.prefix_top_k)
         prefixes = [list(g) for g in prefixes]
         t0 = time.perf_counter()
-        targets = compute_targets(model, tokenizer, block, requests, prefixes, cfg, progress)
+        if targets is None:
+            targets = compute_targets(model, tokenizer, block, requests, prefixes, cfg, progress)
+        else:
+            _check_targets(targets, subject_hidden(model, tokenizer, block, requests, cfg.batch_size))
         seconds_targets = time.perf_counter() - t0
         deltas, layers = {}, {}
         for i, (name, m, _) in enumerate(tqdm(ordered, unit="layer", desc=method, disable=not progress)):

@@ -234,7 +234,7 @@ class DemoOptions(RuntimeOptions):
     lr: float = opt(2e-3, "Adam learning rate of every gradient method (the 5e-4 of 8B models does not converge in 25 epochs on this 1.8M model)", check=positive)
     epochs: int = opt(25, "maximum epochs of every gradient method", check=at_least(1))
     sweep: bool = opt(False, "also sweep gamma in {0.5, 0.8, 0.9, 0.95, 0.99} for crispedit and nullspace")
-    all_methods: bool = opt(False, "also run the closed-form editors (memit, alphaedit)")
+    all_methods: bool = opt(False, "also run the closed-form editors (memit, alphaedit) on early blocks, sharing their target values (a few more minutes)")
     out: str = opt("crispedit-demo", "directory for the report and the plot")
     model_dir: str | None = opt(None, "demo model directory (default: the one shipped in the package)")
     progress: bool = opt(False, "show progress bars")

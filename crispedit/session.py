@@ -46,6 +46,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -60,6 +61,9 @@ from .projector import Eigen, KroneckerProjector
 from .requests import EditRequest, edit_text
 from .running import check_resident, swapped_weights
 from .saving import delta_dtype, weights_hash
+
+if TYPE_CHECKING:
+    from .memit import Targets
 
 CAPABILITY = "capability"
 EDITS = "edits"
@@ -181,6 +185,7 @@ class EditSession:
         self.pending: list[EditRequest] = []  # the last chunk, whose statistics are not taken yet
         self.preserved: dict[str, Tensor] | None = None  # AlphaEdit: Σ k kᵀ of edited keys
         self.null_bases: dict[str, Tensor] | None = None  # AlphaEdit: null-space bases of C
+        self.targets: Targets | None = None  # MEMIT / AlphaEdit: the last chunk's target values (not in a ledger)
         self.ledger_dir: str | None = None  # where save() / load() last put or found this history
         self._record: dict | None = None
 
@@ -337,14 +342,18 @@ class EditSession:
     # -----------------------------------------------------------------------------------------
     # editing
 
-    def edit(self, requests: Sequence[EditRequest], name: str | None = None) -> dict:
-        """Edit one chunk; returns its record (also appended to ``history``)."""
+    def edit(self, requests: Sequence[EditRequest], name: str | None = None, targets: Targets | None = None) -> dict:
+        """Edit one chunk; returns its record (also appended to ``history``). ``targets`` (MEMIT /
+        AlphaEdit): the ``memit.Targets`` another session optimised for the same requests at the same
+        weights (its ``targets`` attribute), used instead of optimising them again."""
         o = self.options
         if self.budget_spent:
             raise SessionError(f"the capability budget of {o.budget:g} nats/token is spent (chunk "
                                f"{len(self.history)}); no further chunk is edited")
         if not requests:
             raise SessionError("no request to edit")
+        if targets is not None and o.method not in CLOSED_FORM_METHODS:
+            raise SessionError(f"target values are for memit and alphaedit, not --method {o.method}")
         index = len(self.history)
         record = {"chunk": index + 1, "name": name, "requests": len(requests), "requests_sha256": requests_hash(requests),
                   "refreshes": [], "seconds": {"statistics": 0.0}}  # set when this chunk's statistics are taken
@@ -353,7 +362,7 @@ class EditSession:
         start = time.perf_counter()
         record["seconds"]["rebuild"] = self.rebuild()
         if o.method in CLOSED_FORM_METHODS:
-            self._closed_form(requests, index, record)
+            self._closed_form(requests, index, record, targets)
         else:
             self._gradient(requests, index, record)
         record["seconds"]["edit"] = time.perf_counter() - start - record["seconds"]["rebuild"]
@@ -391,7 +400,7 @@ class EditSession:
         if self.budget is not None:
             record["budget_projections"] = self.budget.projections - projections_before
 
-    def _closed_form(self, requests: Sequence[EditRequest], index: int, record: dict) -> None:
+    def _closed_form(self, requests: Sequence[EditRequest], index: int, record: dict, targets) -> None:
         from .memit import MemitConfig, apply_closed_form
 
         o = self.options
@@ -403,7 +412,8 @@ class EditSession:
              for n, m in self.modules.items()}
         result = apply_closed_form(self.model, self.tokenizer, self.modules, requests, C, cfg, o.method,
                                    preserved=self.preserved, null_bases=self.null_bases,
-                                   seed=chunk_seed(o.seed, index), progress=self.progress)
+                                   seed=chunk_seed(o.seed, index), progress=self.progress, targets=targets)
+        self.targets = result.targets
         if o.method == "alphaedit":
             self.preserved, self.null_bases = result.preserved, result.null_bases
         check_finite(self.modules)

@@ -54,3 +54,29 @@ def test_demo_end_to_end(tmp_path, capsys):
     # a second run may replace the demo's own files, never anything else
     (tmp_path / "mine.txt").write_text("x")
     assert main(["demo", "--edits", "10", "--out", str(tmp_path)]) == 2
+
+
+
+def test_demo_closed_forms_edit_early_blocks_and_share_the_targets(demo_model):
+    """``--all-methods``: MEMIT and AlphaEdit edit the early blocks (CrispEdit's come from ``auto``),
+    AlphaEdit with MEMIT's target values (the same computation, done once)."""
+    from crispedit.curvature import collect
+    from crispedit.demo import CLOSED_FORM_BLOCKS, _documents, run_method
+    from crispedit.evaluate import prepare_reference
+    from crispedit.layers import find_modules
+    from crispedit.options import DemoOptions
+
+    model, tok = demo_model
+    world = build_world()
+    requests, known = demo_requests(8, 0)
+    early = find_modules(model, CLOSED_FORM_BLOCKS)
+    stats = collect(model, early, _documents(tok, world.train_documents[:20]), labels="sampled", seed=0)
+    docs = _documents(tok, world.heldout_narrative[:4])
+    ref = prepare_reference(model, tok, requests, "raw", docs, docs, known[:20])
+    o = DemoOptions(edits=8)
+    memit, targets = run_method(model, tok, requests, early, stats, ref, "memit", None, o)
+    alpha, same = run_method(model, tok, requests, early, stats, ref, "alphaedit", None, o, targets)
+    assert memit["blocks"] == alpha["blocks"] == CLOSED_FORM_BLOCKS == [1, 2]
+    assert same is targets and alpha["target_probability"] == memit["target_probability"] > 0
+    assert alpha["seconds_targets"] < memit["seconds_targets"] / 3
+    assert memit["reliability_teacher_forced"] > 0.3  # the early blocks and these settings do edit this model

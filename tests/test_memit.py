@@ -241,6 +241,23 @@ def test_batched_targets_equal_one_at_a_time():
     assert (one.z - one.h).norm(dim=1).min() > 0.1  # δ really moved
 
 
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+def test_targets_with_the_head_on_the_loss_positions_equal_full_logits(model_type, monkeypatch):
+    """The output head runs only on the positions in the loss (a hook on its input); a model without
+    ``get_output_embeddings`` takes every position's logits: the same targets, steps and losses."""
+    model, _, _ = _setup(model_type)
+    block = decoder_blocks(model)[1][1]
+    prefixes = [[""], ["so. ", "and then. "]]
+    cfg = replace(TOY, loss_stop=3.0, z_batch=2)
+    picked = compute_targets(model, TOK, block, REQUESTS, prefixes, cfg)
+    monkeypatch.setattr(model, "get_output_embeddings", lambda: None)
+    full = compute_targets(model, TOK, block, REQUESTS, prefixes, cfg)
+    assert picked.steps == full.steps and len(set(picked.steps)) > 1, picked.steps
+    assert torch.allclose(picked.z, full.z, rtol=0, atol=FORWARD_TOL)
+    for a, b in zip(picked.losses, full.losses):
+        assert all(abs(a[k] - b[k]) < FORWARD_TOL for k in a)
+
+
 def test_target_loss_at_delta_zero_is_the_models_nll_over_the_prefixes():
     """One forward pass, no step (δ = 0): the NLL term is the mean over prefixes of each prefixed
     prompt's mean target NLL, KL and decay are zero; checks the target positions independently."""
@@ -312,6 +329,28 @@ def test_alphaedit_sequential_chunks_protect_the_span_and_carry_the_edited_keys(
         assert torch.allclose(res2.null_bases[n], res1.null_bases[n])
 
 
+def test_alphaedit_with_memits_targets_equals_its_own_and_stale_targets_are_refused():
+    """Targets optimised for MEMIT at the same weights serve AlphaEdit unchanged (same prefixes and
+    options: the same computation); targets from before an edit are refused."""
+    model, modules, C = _setup()
+    base = copy.deepcopy(model)
+    memit = apply_closed_form(model, TOK, modules, REQUESTS, C, TOY, method="memit")
+    own = apply_closed_form(base, TOK, {n: base.get_submodule(n) for n in modules}, REQUESTS, C, TOY,
+                            method="alphaedit", prefixes=memit.prefixes)
+    fresh = _setup()[0]  # the base weights again (same seed)
+    shared = apply_closed_form(fresh, TOK, {n: fresh.get_submodule(n) for n in modules}, REQUESTS, C, TOY,
+                               method="alphaedit", prefixes=memit.prefixes, targets=memit.targets)
+    assert torch.equal(shared.targets.z, memit.targets.z)
+    assert torch.allclose(own.targets.z, memit.targets.z, rtol=0, atol=FORWARD_TOL)
+    for n in modules:
+        assert torch.allclose(shared.deltas[n], own.deltas[n], rtol=0, atol=FORWARD_TOL * own.deltas[n].norm())
+    with pytest.raises(MemitError, match="other weights"):  # `model` carries MEMIT's edit now
+        apply_closed_form(model, TOK, modules, REQUESTS, C, TOY, method="alphaedit", targets=memit.targets)
+    with pytest.raises(MemitError, match="targets for 3 requests"):
+        apply_closed_form(fresh, TOK, {n: fresh.get_submodule(n) for n in modules}, REQUESTS[:2], C, TOY,
+                          method="alphaedit", targets=memit.targets)
+
+
 @pytest.mark.parametrize("method", ["memit", "alphaedit"])
 @pytest.mark.parametrize("model_type", ["llama", "gpt2"])
 def test_edit_makes_the_targets_more_likely(method, model_type):
@@ -351,3 +390,23 @@ def test_edit_of_a_real_pretrained_model(method):
     apply_closed_form(model, tok, modules, reqs, C, cfg, method=method)
     drops = [b - a for a, b in zip(nll(), before)]
     assert min(drops) > 0.2, drops  # measured: MEMIT 2.10 and 0.43 nats, AlphaEdit 1.78 and 0.35
+
+
+def test_session_takes_memits_targets_for_alphaedit_and_refuses_them_elsewhere():
+    from crispedit.options import MethodOptions
+    from crispedit.session import EditSession, SessionError
+
+    model, modules, _ = _setup()
+    stats = collect(model, modules, CORPUS, labels="empirical", dtype=torch.float64)
+    fields = dict(mom2_update_weight=TOY.mom2_update_weight, v_lr=TOY.v_lr, clamp_norm_factor=TOY.clamp_norm_factor,
+                  v_weight_decay=TOY.v_weight_decay, nullspace_threshold=0.1, nullspace_relative=True)
+    memit = EditSession.start(model, TOK, modules, MethodOptions(method="memit", **fields), stats)
+    memit.edit(REQUESTS)
+    memit.restore_base()
+    alpha = EditSession.start(model, TOK, modules, MethodOptions(method="alphaedit", **fields), stats)
+    record = alpha.edit(REQUESTS, targets=memit.targets)
+    assert alpha.targets is memit.targets and record["seconds_targets"] < memit.history[0]["seconds_targets"]
+    alpha.restore_base()
+    ft = EditSession.start(model, TOK, modules, MethodOptions(method="ft"), stats)
+    with pytest.raises(SessionError, match="not --method ft"):
+        ft.edit(REQUESTS, targets=memit.targets)

@@ -66,9 +66,16 @@ def test_wikitext_articles(tmp_path):
 def test_grid_and_matched_reliability():
     runs = grid(1000, 3000, [0, 1, 2, 3])
     methods = [r["method"] for r in runs]
-    assert methods.count("memit") == methods.count("alphaedit") == 2  # all blocks, and the early half
-    assert {tuple(r["layers"]) for r in runs if r["method"] == "memit"} == {(0, 1, 2, 3), (0, 1)}
+    assert methods.count("memit") == methods.count("alphaedit") == 5
+    # at 1,000 edits the early half at both target settings and all blocks at EasyEdit's; at 100 the early half
+    assert sorted((r["n"], tuple(r["layers"]), r.get("settings", "authors")) for r in runs if r["method"] == "memit") == [
+        (100, (0, 1), "authors"), (100, (0, 1), "easyedit"),
+        (1000, (0, 1), "authors"), (1000, (0, 1), "easyedit"), (1000, (0, 1, 2, 3), "easyedit")]
+    assert {r["method"] for r in runs if r["n"] == 100} == {"crispedit", "ft", "memit", "alphaedit"}
+    assert all(runs[i + 1]["method"] == "alphaedit" and runs[i + 1]["layers"] == r["layers"]  # MEMIT's targets serve it
+               and runs[i + 1].get("settings") == r.get("settings") for i, r in enumerate(runs) if r["method"] == "memit")
     assert sum(r["n"] == 3000 for r in runs) == 2 and len(grid(1000, None, [0, 1, 2, 3])) == len(runs) - 2
+    assert len({(family(r), r["n"], r["gamma"]) for r in runs}) == len(runs)  # every batch run has a name of its own
     seq = sequential_grid(3000, 1000, [0, 1, 2, 3])
     assert all(r["chunk_size"] == 100 and r["n"] in (1000, 3000) for r in seq)
     assert {r["method"] for r in seq if r["n"] == 3000} == {"crispedit", "ft", "nullspace", "memit", "alphaedit"}
