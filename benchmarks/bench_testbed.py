@@ -527,6 +527,11 @@ def _colour(f: str) -> str:
     return "grey"
 
 
+def _marker(f: str) -> str:
+    """The closed-form editors' variants apart: EasyEdit's settings ▼, all blocks ▲."""
+    return "^" if "blocks 0-3" in f else "v" if "EasyEdit" in f else "o"
+
+
 def _save(fig, path: Path) -> None:
     import matplotlib.pyplot as plt
 
@@ -549,14 +554,16 @@ def plot(rows: list[dict], path: Path, n_small: int) -> None:
                          (axes[1], known_lost, "known unedited facts lost (accuracy points)")):
         for f in sorted({family(r) for r in rows if r["n"] == n_small}):
             pts = sorted((r for r in rows if family(r) == f and r["n"] == n_small), key=lambda r: r["gamma"] or 0)
-            ax.plot([x(r) for r in pts], [r["reliability/generation"] for r in pts], "o-", color=_colour(f), label=f,
+            ax.plot([x(r) for r in pts], [r["reliability/generation"] for r in pts], _marker(f) + "-", color=_colour(f), label=f,
                     alpha=0.8, markersize=4 if len(pts) > 1 else 7)
             for r in pts:
                 if r["gamma"]:
                     ax.annotate(f"{r['gamma']:g}", (x(r), r["reliability/generation"]), fontsize=7, color=_colour(f))
         for r in rows:
             if r["n"] != n_small:
-                ax.scatter(x(r), r["reliability/generation"], marker="s", color=_colour(family(r)), s=40,
+                big = r["n"] > n_small  # larger runs filled squares, smaller ones hollow in their family's marker
+                ax.scatter(x(r), r["reliability/generation"], marker="s" if big else _marker(family(r)), s=40,
+                           color=_colour(family(r)) if big else "none", edgecolors=_colour(family(r)),
                            label=f"{family(r)} n={r['n']}")
         ax.set_xlabel(label)
         if ax is axes[0]:
