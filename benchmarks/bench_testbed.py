@@ -26,7 +26,8 @@ carries the keys of earlier edits and optimises its own targets after the first 
 ``--refresh-drift 0.25`` beside plain CrispEdit at edit weights 10 and 1. After every
 ``--eval-every`` chunks: generation reliability on a fixed sample of the edits so far and on the
 first chunk, rephrases, known unedited facts, held-out KL and its K-FAC prediction; after the last
-chunk the full evaluation of the batch rows. Each run keeps a ledger in the cache and resumes from it;
+chunk the full evaluation of the batch rows. Each run keeps a ledger in the cache and resumes from it
+(a run not finished is reported as ``unfinished`` with the history its ledger holds);
 ``--cached-only`` writes the results of the runs made so far and runs nothing; ``--rows TEXT...`` runs
 only the rows whose name and size (``memit blocks 0-1 EasyEdit n1000``) hold every word of one of
 the texts, the others from the cache (two processes can split a grid; a last ``--cached-only`` run
@@ -268,12 +269,35 @@ def row_of(s: dict, session: EditSession, after: dict, ref, seconds: dict) -> di
             row[f"{m}/{p}"] = metric(after, m, p)
             row[f"{m}/{p}/base"] = metric(ref.before, m, p)
     if s.get("chunk_size"):
-        row["history"] = [{"chunk": r["chunk"], "edits": r["metrics"]["edits"], **{k: r["metrics"].get(k) for k in (
-            "reliability", "first_chunk_reliability", "rephrase", "known_facts_accuracy", "heldout_kl", "predicted_kl")},
-            "seconds": r["seconds"], "refreshes": len(r["refreshes"]), "budget": r.get("budget"),
-            "target_probability": r.get("target_probability")}
-            for r in history if r.get("metrics")]
+        row["history"] = history_points(history)
     return row
+
+
+def history_points(records: list[dict]) -> list[dict]:
+    """The scored points of a sequential run's chunk records (every ``--eval-every`` chunks)."""
+    return [{"chunk": r["chunk"], "edits": r["metrics"]["edits"], **{k: r["metrics"].get(k) for k in (
+        "reliability", "first_chunk_reliability", "rephrase", "known_facts_accuracy", "heldout_kl", "predicted_kl")},
+        "seconds": r["seconds"], "refreshes": len(r["refreshes"]), "budget": r.get("budget"),
+        "target_probability": r.get("target_probability")} for r in records if r.get("metrics")]
+
+
+def ledger_dir(tb: Testbed, s: dict) -> Path:
+    """Where a sequential run keeps its ledger (it resumes from there)."""
+    key = hashlib.sha256(json.dumps(dict(s, v=__version__, t=tb.hash), sort_keys=True).encode()).hexdigest()[:20]
+    return tb.cache / "ledgers" / key
+
+
+def unfinished(tb: Testbed, specs: list[dict], a) -> list[dict]:
+    """Sequential runs with a ledger but no result yet: their scored history so far, from the ledger
+    (the full evaluation after the last chunk is missing)."""
+    out = []
+    for s in specs:
+        path = ledger_dir(tb, s) / "ledger.json"
+        if s.get("chunk_size") and path.exists() and not run_path(tb, s, a).exists():
+            chunks = json.loads(path.read_text())["chunks"]
+            out.append(dict(s, chunks_done=len(chunks), edited=sum(r["requests"] for r in chunks),
+                            history=history_points(chunks)))
+    return out
 
 
 def run(tb: Testbed, s: dict, a) -> dict:
@@ -285,13 +309,12 @@ def run(tb: Testbed, s: dict, a) -> dict:
     requests = tb.usable[:n]
     shared = None  # MEMIT's targets, when this is the AlphaEdit batch run right after it
     if s.get("chunk_size"):
-        key = hashlib.sha256(json.dumps(dict(s, v=__version__, t=tb.hash), sort_keys=True).encode()).hexdigest()[:20]
-        ledger_dir = tb.cache / "ledgers" / key
-        if (ledger_dir / "ledger.json").exists():  # resume an interrupted run
-            session = EditSession.load(ledger_dir, tb.model, tb.tok, tb.modules(s.get("layers", tb.all_blocks)))
+        ledger = ledger_dir(tb, s)
+        if (ledger / "ledger.json").exists():  # resume an interrupted run
+            session = EditSession.load(ledger, tb.model, tb.tok, tb.modules(s.get("layers", tb.all_blocks)))
         else:
             session = tb.session(s, options)
-            session.save(ledger_dir, str(tb.path), snapshot_every=0)
+            session.save(ledger, str(tb.path), snapshot_every=0)
         probe = HistoryProbe(tb.tok, ref.known_facts, tb.heldout, a.eval_sample, tb.seed)
 
         def log(record, total):
@@ -305,7 +328,7 @@ def run(tb: Testbed, s: dict, a) -> dict:
                      f"{m.get('known_facts_accuracy', 0):.3f} KL {m['heldout_kl']:.4f}" if m else "")
                   + f" [{sum(record['seconds'].values()):.1f} s]", flush=True)
 
-        session.run([requests[len(session.requests):]], s["chunk_size"], None, probe, a.eval_every, str(ledger_dir),
+        session.run([requests[len(session.requests):]], s["chunk_size"], None, probe, a.eval_every, str(ledger),
                     str(tb.path), log)
     else:
         session = tb.session(s, options)
@@ -412,13 +435,19 @@ def main() -> None:
         results["edit_weight"] = run_all(tb, weight_grid(tb.n_small, a.chunk), a)
         write_results(results, out)
     if "sequential" in a.only and tb.n_large:
-        seq = run_all(tb, sequential_grid(tb.n_large, tb.n_small, tb.all_blocks, a.chunk, a.edit_weight), a)
+        specs = sequential_grid(tb.n_large, tb.n_small, tb.all_blocks, a.chunk, a.edit_weight)
+        seq = run_all(tb, specs, a)
+        partial = unfinished(tb, specs, a)
         batch_path = run_path(tb, spec("crispedit", tb.n_large, 0.8), a)  # the batch run of the same edits, when done
         batch = [json.loads(batch_path.read_text())["row"]] if batch_path.exists() else []
-        results["sequential"] = {"rows": seq, "time": time_ratio(seq, batch), "flops_8b": flops_ratio_8b(a.chunk, tb.n_large)}
+        results["sequential"] = {"rows": seq, "unfinished": partial, "time": time_ratio(seq, batch),
+                                 "flops_8b": flops_ratio_8b(a.chunk, tb.n_large)}
         write_results(results, out)
         print(table(seq))
-        plot_history(seq, Path(a.plot).with_name(Path(a.plot).stem + "-sequential.png"), a.chunk)
+        for r in partial:
+            print(f"{family(r)} n {r['n']}: unfinished, {r['edited']} edits in {r['chunks_done']} chunks; last scored: "
+                  + json.dumps({k: v for k, v in (r["history"] or [{}])[-1].items() if k not in ("seconds",)}))
+        plot_history(seq + partial, Path(a.plot).with_name(Path(a.plot).stem + "-sequential.png"), a.chunk)
     if "stories" in a.only:
         from bench_stories import stories_benchmark
 
@@ -590,7 +619,8 @@ def plot_history(rows: list[dict], path: Path, chunk: int = CHUNK) -> None:
             h = [p for p in r.get("history", []) if p.get(key) is not None]
             style = "--" if r.get("budget") or r.get("protect_edits") == "mix" or r.get("refresh_drift") else "-"
             ax.plot([p["edits"] for p in h], [p[key] for p in h], style, marker="o", markersize=3,
-                    color=_colour(family(r)), label=f"{family(r)} ({r['n']})")
+                    color=_colour(family(r)),
+                    label=f"{family(r)} ({r['edited']} of {r['n']}, unfinished)" if "chunks_done" in r else f"{family(r)} ({r['n']})")
         ax.set_xlabel("edits made")
         ax.set_title(label, fontsize=9)
         if key == "heldout_kl":

@@ -1,5 +1,6 @@
 """The testbed builder's fact selection and the benchmark's bookkeeping (benchmarks/)."""
 
+import json
 import sys
 from pathlib import Path
 
@@ -7,7 +8,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from bench_testbed import cached, family, grid, matched, sequential_grid  # noqa: E402
+from bench_testbed import cached, family, grid, ledger_dir, matched, run_path, sequential_grid, unfinished  # noqa: E402
 from build_testbed import majority_baseline, mentions, select_facts, statements, wikitext_articles  # noqa: E402
 
 
@@ -101,3 +102,21 @@ def test_cached_computes_once(tmp_path):
     assert cached(tmp_path / "a" / "x.json", lambda: calls.append(1) or {"v": 1}) == {"v": 1}
     assert cached(tmp_path / "a" / "x.json", lambda: calls.append(1) or {"v": 2}) == {"v": 1}
     assert calls == [1]
+
+
+def test_unfinished_sequential_runs_report_their_ledgers_history(tmp_path):
+    from types import SimpleNamespace
+
+    tb = SimpleNamespace(cache=tmp_path, hash="h", seed=0)
+    a = SimpleNamespace(lr=5e-4, epochs=25, eval_every=5, eval_sample=500)
+    done, running, batch = sequential_grid(3000, 1000, [0, 1])[:2] + [grid(1000, None, [0, 1])[0]]
+    chunk = {"requests": 100, "refreshes": [], "seconds": {"edit": 1.0}}
+    for s in (done, running):
+        ledger_dir(tb, s).mkdir(parents=True)
+        (ledger_dir(tb, s) / "ledger.json").write_text(json.dumps({"chunks": [
+            dict(chunk, chunk=1), dict(chunk, chunk=2, metrics={"edits": 200, "reliability": 0.5, "heldout_kl": 0.1})]}))
+    run_path(tb, done, a).parent.mkdir(parents=True)
+    run_path(tb, done, a).write_text("{}")
+    out = unfinished(tb, [done, running, batch], a)
+    assert [r["method"] for r in out] == [running["method"]] and out[0]["chunks_done"] == 2 and out[0]["edited"] == 200
+    assert [(p["edits"], p["reliability"], p["heldout_kl"]) for p in out[0]["history"]] == [(200, 0.5, 0.1)]
