@@ -610,14 +610,17 @@ def apply_closed_form(
         t0 = time.perf_counter()
         if targets is None:
             targets = compute_targets(model, tokenizer, block, requests, prefixes, cfg, progress)
+            h = targets.h  # the block output at the subject before any update (read by compute_targets)
         else:
-            _check_targets(targets, subject_hidden(model, tokenizer, block, requests, cfg.batch_size))
+            h = subject_hidden(model, tokenizer, block, requests, cfg.batch_size)
+            _check_targets(targets, h)
         seconds_targets = time.perf_counter() - t0
         deltas, layers = {}, {}
         for i, (name, m, _) in enumerate(tqdm(ordered, unit="layer", desc=method, disable=not progress)):
             dev = m.weight.device
             K = compute_keys(model, tokenizer, m, requests, prefixes, cfg.batch_size).to(dev, sdt)
-            h = subject_hidden(model, tokenizer, block, requests, cfg.batch_size)
+            if i:  # the layers before this one are edited: read h again
+                h = subject_hidden(model, tokenizer, block, requests, cfg.batch_size)
             R = ((targets.z - h) / (len(ordered) - i)).to(dev, sdt)
             with full_precision():  # no TF32 in the solves
                 if method == "memit":
