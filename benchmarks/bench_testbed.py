@@ -78,6 +78,7 @@ CHUNK = 100
 LOAD_EDITS = 100
 BUDGET = 0.02  # nats/token of predicted capability drift for the budget rows (about half of what CrispEdit γ 0.8 predicts at 3,000 edits)
 EDIT_WEIGHTS = (1.0, 10.0, 100.0)
+LAMBDAS = (10.0, 100.0)  # MEMIT's λ tried beside the 8B value scaled by width (15,000 · d_in / 14,336)
 DEFAULT_EDIT_WEIGHT = MethodOptions().edit_weight
 WIDTH_8B = 14336  # MEMIT's λ = 15,000 is matched to LLaMA-3-8B's d_in; scaled by d_in / 14,336 here
 # AlphaEdit's null space: eigenvalues of C below this fraction of the largest (2e-2 absolute is LLaMA-3's scale)
@@ -115,6 +116,29 @@ def grid(n_small: int, n_large: int | None, all_blocks: list[int]) -> list[dict]
     return runs
 
 
+def grid_v2(n: int, blocks: dict[str, list[int]]) -> list[dict]:
+    """The batch runs on a testbed whose blocks are placed as at LLaMA-3-8B (``build.json``'s
+    ``edit_blocks``): every method at its own blocks, each family at the other's, MEMIT's λ at three
+    values, and the same methods at ``LOAD_EDITS``."""
+    cb, fb = blocks["crispedit"], blocks["closed_form"]
+    runs = [spec("ft", n), spec("crispedit", n, 0.8), spec("crispedit", n, 0.9), spec("nullspace", n, 0.8)]
+    for st in ({}, {"settings": "easyedit"}):
+        runs += [spec(m, n, layers=fb, **st) for m in ("memit", "alphaedit")]
+    runs += [spec("memit", n, layers=fb, settings="easyedit", lam=lam) for lam in LAMBDAS]
+    runs += [spec("crispedit", n, 0.8, layers=fb), spec("ft", n, layers=fb)]
+    runs += [spec(m, n, layers=cb, settings="easyedit") for m in ("memit", "alphaedit")]
+    runs += [spec("crispedit", LOAD_EDITS, 0.8), spec("ft", LOAD_EDITS)]
+    runs += [spec(m, LOAD_EDITS, layers=fb, **st) for st in ({}, {"settings": "easyedit"}) for m in ("memit", "alphaedit")]
+    return runs
+
+
+def sequential_grid_v2(n: int, blocks: dict[str, list[int]], base: dict, chunk: int = CHUNK) -> list[dict]:
+    """Chunked runs on a deeper testbed: CrispEdit with the chunked defaults, ft, AlphaEdit."""
+    seq = dict(chunk_size=chunk)
+    return [spec("crispedit", n, **seq, **base), spec("ft", n, **seq),
+            spec("alphaedit", n, layers=blocks["closed_form"], settings="easyedit", **seq)]
+
+
 def sequential_grid(n: int, n_short: int, all_blocks: list[int], chunk: int = CHUNK,
                     weight: float = DEFAULT_EDIT_WEIGHT) -> list[dict]:
     """The chunked runs (chunks of ``chunk``; ``weight``: the edit weight of the projector methods), in
@@ -138,6 +162,45 @@ def sequential_grid(n: int, n_short: int, all_blocks: list[int], chunk: int = CH
     ]
 
 
+# The CrispEdit authors' sequential recipe (their appendix and code), as closely as the options allow:
+# 30 capability documents, gamma 0.999, past edits weighted by their tokens (edit weight 1), the mix cache;
+# 25 epochs per chunk with early stop at loss 0.01, Adam 5e-4, batch 32 are the schedule of every run here.
+AUTHORS_SEQUENTIAL = dict(gamma=0.999, cap_docs=30, edit_weight=1.0, protect_edits="mix")
+SEQUENTIAL_BASE = dict(gamma=0.8)  # the chunked settings the rehearse and protect grids build on (--base)
+
+
+def recipe_grid(n: int, chunk: int = CHUNK) -> list[dict]:
+    """Chunked CrispEdit at ``n`` edits: our defaults, the authors' recipe, and the recipe with one
+    setting at a time taken from ours (gamma 0.99, 100 documents, edit weight 10, merge), and our
+    defaults at the authors' gammas."""
+    seq = dict(chunk_size=chunk)
+    runs = [spec("crispedit", n, 0.8, **seq)]
+    for change in ({}, {"gamma": 0.99}, {"cap_docs": 100}, {"edit_weight": 10.0}, {"protect_edits": "merge"},
+                   {"gamma": 0.99, "cap_docs": 100}, {"protect_edits": "merge", "edit_weight": 10.0}):
+        runs.append(spec("crispedit", n, **{**AUTHORS_SEQUENTIAL, **change}, **seq))
+    runs += [spec("crispedit", n, g, **seq) for g in (0.99, 0.999)]
+    return runs
+
+
+def rehearse_grid(n: int, base: dict, chunk: int = CHUNK) -> list[dict]:
+    """Rehearsal (all, or 50 per chunk oldest / most-forgotten first) and a capability-share floor on ``base``."""
+    seq = dict(chunk_size=chunk, **base)
+    return [spec("crispedit", n, **seq, rehearse="all"),
+            spec("crispedit", n, **seq, rehearse="50", rehearse_order="oldest"),
+            spec("crispedit", n, **seq, rehearse="50", rehearse_order="most-forgotten"),
+            spec("crispedit", n, **seq, capability_share=0.5)]
+
+
+def protect_grid(n_batch: int, n_seq: int, base: dict, split: int = 1000, chunk: int = CHUNK) -> list[dict]:
+    """Known unedited facts: the first ``split`` known ones protected (``--protect``), the rest scored,
+    with and without the protection, in one batch and in chunks."""
+    out = []
+    for protect in (False, True):
+        out.append(spec("crispedit", n_batch, 0.8, known_split=split, protect_known=protect))
+        out.append(spec("crispedit", n_seq, chunk_size=chunk, **base, known_split=split, protect_known=protect))
+    return out
+
+
 def weight_grid(n: int, chunk: int = CHUNK) -> list[dict]:
     return [spec("crispedit", n, 0.8, chunk_size=chunk, edit_weight=w) for w in EDIT_WEIGHTS]
 
@@ -147,16 +210,26 @@ def family(r: dict) -> str:
     name = r["method"]
     if r.get("optimizer", "adam") != "adam":
         name += " projected-step"
-    if r["method"] in ("memit", "alphaedit"):
+    if r.get("layers") is not None:
         name += f" blocks {r['layers'][0]}-{r['layers'][-1]}" + (" EasyEdit" if r.get("settings") == "easyedit" else "")
+    if r.get("lam") is not None:
+        name += f" λ={r['lam']:g}"
     if r.get("chunk_size"):
         name += " seq"
         if r.get("protect_edits") == "mix":
             name += " mix"
         if r.get("refresh_drift"):
             name += f" refresh {r['refresh_drift']:g}"
-        if r.get("protect_edits") != "mix" and r.get("edit_weight") not in (None, DEFAULT_EDIT_WEIGHT):
+        if r.get("edit_weight") not in (None, DEFAULT_EDIT_WEIGHT) and not (r.get("protect_edits") == "mix" and "cap_docs" not in r):
             name += f" w={r['edit_weight']:g}"
+        if r.get("cap_docs"):
+            name += f" docs={r['cap_docs']}"
+        if r.get("rehearse"):
+            name += f" rehearse {r['rehearse']}" + (f" {r['rehearse_order']}" if r.get("rehearse_order") else "")
+        if r.get("capability_share"):
+            name += f" share {r['capability_share']:g}"
+    if r.get("known_split"):
+        name += " protect-known" if r.get("protect_known") else " known-split"
     if r.get("budget"):
         name += f" budget {r['budget']:g}"
     return name
@@ -188,6 +261,9 @@ class Testbed:
         self.seed = seed
         self.model, self.tok = load_model(str(path), "cpu", "float32")
         self.all_blocks = list(range(self.model.config.num_hidden_layers))
+        # where each family edits (build.json, placed as at LLaMA-3-8B); v1 testbeds: all blocks and the first half
+        self.blocks = build.get("edit_blocks") or {"crispedit": self.all_blocks,
+                                                   "closed_form": self.all_blocks[: max(1, len(self.all_blocks) // 2)]}
         self.pool = read_requests(path / "edit.jsonl")
         known_ids = set(cached(self.cache / "known-edit-prompts.json", lambda: [
             r.case_id for r in known_facts_filter(self.model, self.tok,
@@ -217,20 +293,41 @@ class Testbed:
     def modules(self, blocks: list[int]):
         return find_modules(self.model, blocks)
 
-    def stats_for(self, modules):
-        """The capability statistics of the chosen blocks (a subset of the file's)."""
+    def documents(self, s: dict) -> list[list[int]]:
+        """The capability documents of a run (the first ``cap_docs`` of the curvature corpus)."""
+        return self.curvature_docs[: s.get("cap_docs") or len(self.curvature_docs)]
+
+    def stats_for(self, modules, cap_docs: int | None = None):
+        """The capability statistics of the chosen blocks (a subset of the file's), of the first
+        ``cap_docs`` documents when given."""
         from crispedit.curvature import KFACStatistics
 
         s = self.stats
+        if cap_docs and cap_docs < len(self.curvature_docs):
+            path = self.cache / f"curvature-sampled-s{self.seed}-d{cap_docs}"
+            if not path.exists():
+                save(collect(self.model, find_modules(self.model, self.all_blocks), self.curvature_docs[:cap_docs],
+                             labels="sampled", seed=self.seed), path)
+            s = load(path)
         return KFACStatistics({n: s.A[n] for n in modules}, {n: s.G[n] for n in modules}, {n: s.tokens[n] for n in modules},
                               dict(s.meta))
 
-    def reference(self, n: int):
-        """What a run of the first ``n`` requests is scored against (the model is at its base between runs)."""
-        if n not in self.references:
-            self.references[n] = prepare_reference(self.model, self.tok, self.usable[:n], "raw", self.heldout,
-                                                   self.curvature_docs, self.known_facts)
-        return self.references[n]
+    def known_split(self, split: int) -> tuple[list, list]:
+        """The known unedited facts the base answers, split: the first ``split`` (to protect), the rest (scored)."""
+        known_ids = set(cached(self.cache / "known-unedited-facts.json", lambda: [
+            r.case_id for r in known_facts_filter(self.model, self.tok,
+                                                  [EditRequest(r.prompt, r.ground_truth, case_id=r.case_id) for r in self.known_facts])]))
+        known = [r for r in self.known_facts if r.case_id in known_ids]
+        return known[:split], known[split:]
+
+    def reference(self, n: int, split: int | None = None):
+        """What a run of the first ``n`` requests is scored against (the model is at its base between
+        runs); ``split``: only the known facts after the first ``split`` are scored."""
+        if (n, split) not in self.references:
+            known = self.known_facts if split is None else self.known_split(split)[1]
+            self.references[(n, split)] = prepare_reference(self.model, self.tok, self.usable[:n], "raw", self.heldout,
+                                                            self.curvature_docs, known)
+        return self.references[(n, split)]
 
     def options(self, s: dict, lr: float, epochs: int) -> MethodOptions:
         d_in = self.model.config.intermediate_size
@@ -238,14 +335,20 @@ class Testbed:
             method=s["method"], gamma=s["gamma"], lr=lr, epochs=epochs, seed=self.seed,
             optimizer=s.get("optimizer", "adam"), chunk_size=s.get("chunk_size"),
             edit_weight=s.get("edit_weight", DEFAULT_EDIT_WEIGHT), protect_edits=s.get("protect_edits", "merge"),
-            refresh_drift=s.get("refresh_drift"), budget=s.get("budget"),
-            mom2_update_weight=15000.0 * d_in / WIDTH_8B, nullspace_relative=True, nullspace_threshold=ALPHAEDIT_RELATIVE,
+            refresh_drift=s.get("refresh_drift"), budget=s.get("budget"), rehearse=s.get("rehearse"),
+            rehearse_order=s.get("rehearse_order", "most-forgotten"), capability_share=s.get("capability_share"),
+            mom2_update_weight=s.get("lam", 15000.0 * d_in / WIDTH_8B), nullspace_relative=True, nullspace_threshold=ALPHAEDIT_RELATIVE,
             **CLOSED_FORM_SETTINGS[s.get("settings", "authors")])
 
     def session(self, s: dict, options: MethodOptions) -> EditSession:
-        modules = self.modules(s.get("layers", self.all_blocks))
-        return EditSession.start(self.model, self.tok, modules, options, self.stats_for(modules), self.curvature_docs,
-                                 eigen_cache=str(self.cache / "eigh"))
+        modules = self.modules(s.get("layers", self.blocks["crispedit"]))
+        protect = None
+        if s.get("protect_known"):
+            from crispedit.requests import edit_text
+
+            protect = {"known": [self.tok(edit_text(r.prompt, r.ground_truth))["input_ids"] for r in self.known_split(s["known_split"])[0]]}
+        return EditSession.start(self.model, self.tok, modules, options, self.stats_for(modules, s.get("cap_docs")),
+                                 self.documents(s), protect, eigen_cache=str(self.cache / "eigh"))
 
 
 def row_of(s: dict, session: EditSession, after: dict, ref, seconds: dict) -> dict:
@@ -270,6 +373,9 @@ def row_of(s: dict, session: EditSession, after: dict, ref, seconds: dict) -> di
             row[f"{m}/{p}/base"] = metric(ref.before, m, p)
     if s.get("chunk_size"):
         row["history"] = history_points(history)
+        row["rehearsal"] = rehearsal_totals(history)
+        shares = [r.get("capability_share") for r in history if r.get("capability_share") is not None]
+        row["capability_share_last"] = shares[-1] if shares else None
     return row
 
 
@@ -278,7 +384,18 @@ def history_points(records: list[dict]) -> list[dict]:
     return [{"chunk": r["chunk"], "edits": r["metrics"]["edits"], **{k: r["metrics"].get(k) for k in (
         "reliability", "first_chunk_reliability", "rephrase", "known_facts_accuracy", "heldout_kl", "predicted_kl")},
         "seconds": r["seconds"], "refreshes": len(r["refreshes"]), "budget": r.get("budget"),
-        "target_probability": r.get("target_probability")} for r in records if r.get("metrics")]
+        "target_probability": r.get("target_probability"), "capability_share": r.get("capability_share"),
+        "relative_change": (r.get("drift") or {}).get("total", {}).get("relative_change")}
+        for r in records if r.get("metrics")]
+
+
+def rehearsal_totals(records: list[dict]) -> dict | None:
+    """Edits checked, found forgotten, rehearsed and recovered, summed over a run's chunks."""
+    parts = [r["rehearsal"] for r in records if r.get("rehearsal")]
+    if not parts:
+        return None
+    return {k: sum(p[k] or 0 for p in parts) for k in ("checked", "forgotten", "rehearsed", "recovered")} | {
+        "check_seconds": sum(r["seconds"].get("rehearsal_check", 0.0) for r in records)}
 
 
 def ledger_dir(tb: Testbed, s: dict) -> Path:
@@ -303,7 +420,7 @@ def unfinished(tb: Testbed, specs: list[dict], a) -> list[dict]:
 def run(tb: Testbed, s: dict, a) -> dict:
     """One run from the base weights; the base is put back afterwards."""
     n = s["n"]
-    ref = tb.reference(n)
+    ref = tb.reference(n, s.get("known_split"))
     options = tb.options(s, a.lr, a.epochs)
     w0, c0 = time.perf_counter(), cpu_seconds()
     requests = tb.usable[:n]
@@ -311,7 +428,7 @@ def run(tb: Testbed, s: dict, a) -> dict:
     if s.get("chunk_size"):
         ledger = ledger_dir(tb, s)
         if (ledger / "ledger.json").exists():  # resume an interrupted run
-            session = EditSession.load(ledger, tb.model, tb.tok, tb.modules(s.get("layers", tb.all_blocks)))
+            session = EditSession.load(ledger, tb.model, tb.tok, tb.modules(s.get("layers", tb.blocks["crispedit"])))
         else:
             session = tb.session(s, options)
             session.save(ledger, str(tb.path), snapshot_every=0)
@@ -342,6 +459,8 @@ def run(tb: Testbed, s: dict, a) -> dict:
     seconds = {"edit_wall": edit_wall, "edit_cpu": edit_cpu, "total_wall": time.perf_counter() - w0,
                "total_cpu": cpu_seconds() - c0}
     row = row_of(s, session, after, ref, seconds)  # (the drift of the edited weights: before the base is back)
+    if s.get("known_split"):
+        row["update_energy_in_protected_inputs"] = protected_energy(tb, session, s["known_split"])
     if s["method"] in ("memit", "alphaedit"):
         probs = [r["target_probability"] for r in session.history]
         row.update(target_probability=sum(probs) / len(probs),  # the mean over chunks of their mean P(target)
@@ -349,6 +468,28 @@ def run(tb: Testbed, s: dict, a) -> dict:
                    targets_from_memit=shared is not None)
     session.restore_base()
     return {"row": row, "per_request": after["per_request"]}
+
+
+def protected_energy(tb: Testbed, session: EditSession, split: int, energy: float = 0.99) -> dict:
+    """How much of the update lies in the inputs the protected facts use: per matrix, the share of
+    ‖ΔW‖² in the span of the top eigenvectors of the facts' input covariance ``A_p`` (at the base)
+    holding ``energy`` of its trace, beside that span's share of the input dimensions (what a random
+    update would put there)."""
+    from crispedit.requests import edit_text
+
+    docs = [tb.tok(edit_text(r.prompt, r.ground_truth))["input_ids"] for r in tb.known_split(split)[0]]
+    with session.at_base():
+        stats = collect(tb.model, session.modules, docs, labels="sampled", seed=tb.seed)
+    out = {}
+    for n, D in session.deltas().items():
+        values, vectors = torch.linalg.eigh(stats.A[n].double())
+        values, vectors = values.flip(0).clamp(min=0), vectors.flip(1)
+        k = int((values.cumsum(0) / values.sum() < energy).sum()) + 1
+        D = D.double()
+        out[n] = {"rank": k, "dims_share": k / D.shape[1],
+                  "update_share": float((D @ vectors[:, :k]).square().sum() / D.square().sum())}
+    out["mean_update_share"] = sum(v["update_share"] for v in out.values()) / len(out)
+    return out
 
 
 def run_path(tb: Testbed, s: dict, a) -> Path:
@@ -397,7 +538,9 @@ def main() -> None:
     ap.add_argument("--eval-every", type=int, default=5, help="sequential runs: score the history every K chunks")
     ap.add_argument("--eval-sample", type=int, default=500, help="sequential runs: edits scored per evaluation")
     ap.add_argument("--only", nargs="+", default=["batch", "weights", "sequential", "stories"],
-                    choices=["batch", "weights", "sequential", "stories"])
+                    choices=["batch", "weights", "sequential", "stories", "recipe", "rehearse", "protect"])
+    ap.add_argument("--base", default=json.dumps(SEQUENTIAL_BASE),
+                    help="JSON: the chunked CrispEdit settings the rehearse and protect grids build on")
     a = ap.parse_args()
     testbed = Path(a.testbed) if a.testbed else default_testbed()
     if not (testbed / "build.json").exists():
@@ -417,7 +560,7 @@ def main() -> None:
             "perplexity": tb.build["perplexity"], "train_cpu_s": tb.build["train_cpu_s"],
             "train_wall_s": tb.build["train_wall_s"]},
         "edit_pool_known": len(tb.usable), "edit_pool": len(tb.pool), "edited_rephrases_known_by_base": tb.rephrase_known,
-        "known_unedited_offered": len(tb.known_facts), "layers": tb.all_blocks,
+        "known_unedited_offered": len(tb.known_facts), "layers": tb.blocks["crispedit"], "edit_blocks": tb.blocks,
         "curvature": {"documents": len(tb.curvature_docs), "tokens": tb.stats.meta["tokens"], "seconds": tb.stats.meta["time_s"]},
         "heldout": {"documents": len(tb.heldout), "tokens": sum(len(d) - 1 for d in tb.heldout)},
         "schedule": {"optimizer": "adam", "lr": a.lr, "batch_size": 32, "epochs": a.epochs, "loss_threshold": 1e-2,
@@ -425,8 +568,10 @@ def main() -> None:
         "closed_form": {"mom2_update_weight": 15000.0 * tb.model.config.intermediate_size / WIDTH_8B,
                         "nullspace_relative_threshold": ALPHAEDIT_RELATIVE},
     })
+    base = json.loads(a.base)
     if "batch" in a.only:
-        rows = run_all(tb, grid(tb.n_small, tb.n_large, tb.all_blocks), a)
+        rows = run_all(tb, grid(tb.n_small, tb.n_large, tb.all_blocks) if tb.blocks["crispedit"] == tb.all_blocks
+                       else grid_v2(tb.n_small, tb.blocks), a)
         results.update(rows=rows, matched_reliability=matched(rows, tb.n_small))
         write_results(results, out)
         print(table(rows))
@@ -435,7 +580,8 @@ def main() -> None:
         results["edit_weight"] = run_all(tb, weight_grid(tb.n_small, a.chunk), a)
         write_results(results, out)
     if "sequential" in a.only and tb.n_large:
-        specs = sequential_grid(tb.n_large, tb.n_small, tb.all_blocks, a.chunk, a.edit_weight)
+        specs = sequential_grid(tb.n_large, tb.n_small, tb.all_blocks, a.chunk, a.edit_weight) \
+            if tb.blocks["crispedit"] == tb.all_blocks else sequential_grid_v2(tb.n_large, tb.blocks, base, a.chunk)
         seq = run_all(tb, specs, a)
         partial = unfinished(tb, specs, a)
         batch_path = run_path(tb, spec("crispedit", tb.n_large, 0.8), a)  # the batch run of the same edits, when done
@@ -448,6 +594,24 @@ def main() -> None:
             print(f"{family(r)} n {r['n']}: unfinished, {r['edited']} edits in {r['chunks_done']} chunks; last scored: "
                   + json.dumps({k: v for k, v in (r["history"] or [{}])[-1].items() if k not in ("seconds",)}))
         plot_history(seq + partial, Path(a.plot).with_name(Path(a.plot).stem + "-sequential.png"), a.chunk)
+    if "recipe" in a.only:
+        rows = run_all(tb, recipe_grid(tb.n_small, a.chunk), a)
+        results["recipe"] = {"rows": rows, "authors": AUTHORS_SEQUENTIAL}
+        write_results(results, out)
+        print(table(rows))
+    if "rehearse" in a.only:
+        rows = run_all(tb, [spec("crispedit", tb.n_small, chunk_size=a.chunk, **base)] + rehearse_grid(tb.n_small, base, a.chunk), a)
+        batch_path = run_path(tb, spec("crispedit", tb.n_small, 0.8), a)
+        batch = json.loads(batch_path.read_text())["row"] if batch_path.exists() else None
+        results["rehearsal"] = {"base": base, "rows": rows,
+                                "time": [time_ratio_of(r, batch) for r in rows] if batch else None}
+        write_results(results, out)
+        print(table(rows))
+    if "protect" in a.only and tb.n_large:
+        rows = run_all(tb, protect_grid(tb.n_small, tb.n_large, base, chunk=a.chunk), a)
+        results["protect_known"] = {"base": base, "rows": rows}
+        write_results(results, out)
+        print(table(rows))
     if "stories" in a.only:
         from bench_stories import stories_benchmark
 
@@ -464,6 +628,15 @@ def cpu_model() -> str:
     except OSError:
         pass
     return "unknown"
+
+
+def time_ratio_of(s: dict, b: dict) -> dict:
+    """A chunked run's editing time over a batch run's (wall): the chunks' edit loops, statistics,
+    eigendecompositions and rehearsal checks against the batch edit."""
+    parts = {"edit": s["edit_seconds"], "statistics": s["statistics_seconds"], "eigh_and_rebuild": s["rebuild_seconds"],
+             "rehearsal_check": (s.get("rehearsal") or {}).get("check_seconds", 0.0)}
+    return {"run": family(s), "n": s["n"], "batch_n": b["n"], "sequential_parts_s": parts,
+            "batch_wall_s": b["seconds"]["edit_wall"], "ratio_wall": sum(parts.values()) / b["seconds"]["edit_wall"]}
 
 
 def time_ratio(seq: list[dict], batch: list[dict]) -> dict:

@@ -36,7 +36,9 @@ import hashlib
 import json
 import math
 import random
+import os
 import re
+import shutil
 import sys
 import time
 from collections import Counter, defaultdict
@@ -53,9 +55,7 @@ from crispedit.requests import edit_text  # noqa: E402
 from crispedit.saving import TempDir  # noqa: E402
 
 DEFAULT_OUT = Path.home() / ".cache" / "crispedit" / "testbeds"
-CONFIG = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
-              num_key_value_heads=4, max_position_embeddings=512, initializer_range=0.02,
-              tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, rms_norm_eps=1e-5)
+WARMUP = 200  # steps of linear warm-up before the cosine decay
 WINDOW = 512  # training text window; curvature and held-out documents are at most this long
 CURVATURE_DOCS = 100
 HELDOUT_FRACTION = 0.1
@@ -226,6 +226,91 @@ def perplexities(model, tok, sets: dict[str, list[str]]) -> dict[str, float]:
     return {name: text_drift(model, [tok(t)["input_ids"][:WINDOW] for t in docs])["perplexity"] for name, docs in sets.items()}
 
 
+def model_config(blocks: int, width: int, mlp_width: int, heads: int) -> dict:
+    """The LLaMA configuration of a testbed (v1: 4 blocks of width 256, MLP 1,024, 4 heads)."""
+    return dict(hidden_size=width, intermediate_size=mlp_width, num_hidden_layers=blocks, num_attention_heads=heads,
+                num_key_value_heads=heads, max_position_embeddings=WINDOW, initializer_range=0.02,
+                tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, rms_norm_eps=1e-5)
+
+
+def edit_blocks(blocks: int) -> dict[str, list[int]]:
+    """The blocks each family edits, placed as at LLaMA-3-8B (32 blocks): CrispEdit, ft and
+    nullspace at 60–75% of the depth (19–23 of 32), MEMIT and AlphaEdit at 12–25% (4–8 of 32).
+    The 4-block testbed v1 keeps the blocks it was measured with: all four, and 0–1."""
+    if blocks == 4:
+        return {"crispedit": [0, 1, 2, 3], "closed_form": [0, 1]}
+    lo, hi = round(0.6 * blocks), round(0.72 * blocks)  # 19–23 of 32, 5–6 of 8
+    clo, chi = round(0.125 * blocks), round(0.25 * blocks)  # 4–8 of 32, 1–2 of 8
+    return {"crispedit": list(range(lo, max(lo, hi) + 1)), "closed_form": list(range(clo, max(clo, chi) + 1))}
+
+
+def train(model, tok, stream: torch.Tensor, sentences: list[str], a, rng: random.Random, eval_sets: dict[str, list[str]],
+          checkpoint: Path | None = None, every: int = 200, stop_after: int | None = None) -> tuple[list[dict], float, float]:
+    """AdamW with warm-up and cosine decay; each step reads ``a.text_batch`` windows of the text
+    stream and ``a.fact_batch`` fact sentences. Returns (log, wall seconds, CPU seconds).
+
+    Every ``every`` steps the whole state (model, optimiser, schedule, both random generators, log,
+    elapsed time) goes to ``checkpoint`` (written to a temporary name, then renamed); a run that
+    finds one continues from it and ends in the weights an uninterrupted run ends in.
+    ``stop_after`` (tests) returns after that many steps, as a killed process would stop."""
+    device = next(model.parameters()).device
+    opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=a.weight_decay, betas=(0.9, 0.95))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / WARMUP) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, a.steps) / a.steps))))
+    key = {k: getattr(a, k) for k in ("steps", "text_batch", "fact_batch", "lr", "weight_decay", "seed")} | {
+        "config": {k: v for k, v in model.config.to_dict().items() if k in ("hidden_size", "intermediate_size",
+                                                                          "num_hidden_layers", "num_attention_heads", "vocab_size")}}
+    start, log, wall0, cpu0 = 0, [], 0.0, 0.0
+    if checkpoint is not None and checkpoint.exists():
+        state = torch.load(checkpoint, map_location=device, weights_only=False)
+        if state["key"] != key:
+            sys.exit(f"{checkpoint}: a checkpoint of another build ({state['key']}); remove it or build with those settings")
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["schedule"])
+        torch.set_rng_state(state["torch_rng"])
+        rng.setstate(state["rng"])
+        start, log, wall0, cpu0 = state["step"], state["log"], state["wall_s"], state["cpu_s"]
+        log.append({"resumed_at": start})
+        print(f"resuming from {checkpoint} at step {start}", flush=True)
+    t0, c0 = time.perf_counter(), time.process_time()
+    for step in range(start, a.steps):
+        if stop_after is not None and step >= stop_after:
+            break
+        model.train()
+        starts = torch.randint(0, len(stream) - WINDOW, (a.text_batch,)).tolist()
+        ids = torch.stack([stream[s : s + WINDOW] for s in starts]).to(device)
+        loss_text, n = nll_sum(model, ids, ids)
+        (loss_text / n).backward()
+        total, count = 0.0, 0
+        chunks = fact_batches(tok, rng.sample(sentences, a.fact_batch), 4)
+        tokens = sum(int((lab[:, 1:] != -100).sum()) for _, lab in chunks)
+        for fids, flab in chunks:
+            l, k = nll_sum(model, fids.to(device), flab.to(device))
+            (l / tokens).backward()
+            total += l.item()
+            count += k
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        if step % 100 == 0 or step == a.steps - 1:
+            entry = {"step": step, "text_loss": loss_text.item() / n, "fact_loss": total / count,
+                     "wall_s": wall0 + time.perf_counter() - t0}
+            if step % 600 == 0 or step == a.steps - 1:
+                model.eval()
+                entry["perplexity"] = perplexities(model, tok, {k: v[:40] for k, v in eval_sets.items()})
+            log.append(entry)
+            print(json.dumps(entry), flush=True)
+        if checkpoint is not None and (step + 1) % every == 0 and step + 1 < a.steps:
+            state = {"key": key, "step": step + 1, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                     "schedule": sched.state_dict(), "torch_rng": torch.get_rng_state(), "rng": rng.getstate(), "log": log,
+                     "wall_s": wall0 + time.perf_counter() - t0, "cpu_s": cpu0 + time.process_time() - c0}
+            torch.save(state, checkpoint.with_name(checkpoint.name + ".tmp"))
+            os.replace(checkpoint.with_name(checkpoint.name + ".tmp"), checkpoint)
+    return log, wall0 + time.perf_counter() - t0, cpu0 + time.process_time() - c0
+
+
 def sha256_dir(path: Path) -> str:
     """SHA-256 over the names and bytes of the files that define a testbed (not build.json)."""
     h = hashlib.sha256()
@@ -247,11 +332,18 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--weight-decay", type=float, default=0.1)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--blocks", type=int, default=4, help="transformer blocks (v1: 4; v2: 8)")
+    ap.add_argument("--width", type=int, default=256, help="hidden size")
+    ap.add_argument("--mlp-width", type=int, default=1024, help="MLP hidden size (the d_in of down_proj)")
+    ap.add_argument("--heads", type=int, default=4, help="attention heads")
+    ap.add_argument("--checkpoint-every", type=int, default=200, help="steps between checkpoints of an unfinished build")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda: where the model trains (evaluation runs on the CPU)")
     ap.add_argument("--overwrite", action="store_true")
     a = ap.parse_args()
-    out = Path(a.out) if a.out else DEFAULT_OUT / f"counterfact-wikitext-s{a.seed}"
+    config = model_config(a.blocks, a.width, a.mlp_width, a.heads)
+    name = f"counterfact-wikitext-s{a.seed}" if a.blocks == 4 else f"counterfact-wikitext-b{a.blocks}-w{a.width}-s{a.seed}"
+    out = Path(a.out).expanduser().resolve() if a.out else DEFAULT_OUT / name
     if out.exists() and not a.overwrite:
         sys.exit(f"{out} exists; pass --overwrite to replace it")
     if not SHARED.exists():
@@ -260,6 +352,11 @@ def main() -> None:
     torch.manual_seed(a.seed)
     rng = random.Random(a.seed)
     t_start = time.perf_counter()
+    if a.device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            sys.exit("--device cuda: no CUDA device is visible")
+        torch.backends.cuda.matmul.allow_tf32 = False  # the build's numbers are float32 wherever it runs
+        torch.backends.cudnn.allow_tf32 = False
 
     wiki_train, wiki_held, bible = split_text(a.seed)
     counterfact = SHARED / "counterfact" / "counterfact-edit-8k.json"
@@ -269,12 +366,18 @@ def main() -> None:
     sentences = sorted({edit_text(p, ans) + "." for _, p, ans in facts})
     print(json.dumps(facts_report), f"{len(sentences)} distinct fact sentences", flush=True)
 
-    tok = train_tokenizer(wiki_train + bible + sentences, a.vocab)
+    work = out.with_name(f".{out.name}.build")  # checkpoint and tokenizer of an unfinished build
+    work.mkdir(parents=True, exist_ok=True)
+    if not (work / "tokenizer.json").exists():
+        train_tokenizer(wiki_train + bible + sentences, a.vocab).save_pretrained(str(work))
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast.from_pretrained(str(work))  # read back in every run, so a resumed one tokenizes alike
     curv_rng = random.Random(a.seed + 1)
     candidates = [p for p in wiki_train if len(p.split()) >= 40]
     curvature = curv_rng.sample(candidates, CURVATURE_DOCS)
     heldout = [p for p in wiki_held if len(p.split()) >= 20]
-    stream = []
+    stream: list[int] = []
     for enc in tok(wiki_train + bible)["input_ids"]:
         stream.extend(enc)
     stream = torch.tensor(stream)
@@ -282,42 +385,9 @@ def main() -> None:
 
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    device = torch.device(a.device)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), **CONFIG)).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=a.weight_decay, betas=(0.9, 0.95))
-    warmup = 200
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, a.steps) / a.steps))))
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), **config)).to(torch.device(a.device))
     eval_sets = {"train_wikitext": rng.sample(wiki_train, EVAL_DOCS), "heldout_wikitext": heldout[:EVAL_DOCS]}
-    log = []
-    t0, c0 = time.perf_counter(), time.process_time()
-    for step in range(a.steps):
-        model.train()
-        starts = torch.randint(0, len(stream) - WINDOW, (a.text_batch,)).tolist()
-        ids = torch.stack([stream[s : s + WINDOW] for s in starts]).to(device)
-        loss_text, n = nll_sum(model, ids, ids)
-        (loss_text / n).backward()
-        total, count = 0.0, 0
-        chunks = fact_batches(tok, rng.sample(sentences, a.fact_batch), 4)
-        tokens = sum(int((lab[:, 1:] != -100).sum()) for _, lab in chunks)
-        for fids, flab in chunks:
-            l, k = nll_sum(model, fids.to(device), flab.to(device))
-            (l / tokens).backward()
-            total += l.item()
-            count += k
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        if step % 100 == 0 or step == a.steps - 1:
-            entry = {"step": step, "text_loss": loss_text.item() / n, "fact_loss": total / count,
-                     "wall_s": time.perf_counter() - t0}
-            if step % 600 == 0 or step == a.steps - 1:
-                model.eval()
-                entry["perplexity"] = perplexities(model, tok, {k: v[:40] for k, v in eval_sets.items()})
-            log.append(entry)
-            print(json.dumps(entry), flush=True)
-    train_wall, train_cpu = time.perf_counter() - t0, time.process_time() - c0
+    log, train_wall, train_cpu = train(model, tok, stream, sentences, a, rng, eval_sets, work / "checkpoint.pt", a.checkpoint_every)
     model.eval()
     model.to("cpu")
 
@@ -326,7 +396,9 @@ def main() -> None:
     baseline = {"edit_pool": majority_baseline(edit_pool), "unedited_pool": majority_baseline(unedited)}
     ppl = perplexities(model, tok, eval_sets)
     report = {
-        "script": "benchmarks/build_testbed.py", "args": vars(a) | {"out": str(out)}, "config": CONFIG, "vocab": len(tok),
+        "script": "benchmarks/build_testbed.py", "args": vars(a) | {"out": str(out)}, "config": config,
+        "shape": {"blocks": a.blocks, "width": a.width, "mlp_width": a.mlp_width, "heads": a.heads},
+        "edit_blocks": edit_blocks(a.blocks), "vocab": len(tok),
         "parameters": sum(p.numel() for p in model.parameters()), "threads": torch.get_num_threads(),
         "inputs_sha256": {str(p.relative_to(SHARED)): hashlib.sha256(p.read_bytes()).hexdigest()
                           for p in (counterfact, SHARED / "wikitext-2" / "valid.txt", SHARED / "wikitext-2" / "test.txt",
@@ -352,6 +424,7 @@ def main() -> None:
             (tmp / name).write_text("".join(d + "\n" for d in docs), encoding="utf-8")
         report["testbed_sha256"] = sha256_dir(tmp)
         (tmp / "build.json").write_text(json.dumps(report, indent=2) + "\n")
+    shutil.rmtree(work, ignore_errors=True)
     print(f"trained in {train_wall / 60:.1f} min wall, {train_cpu / 60:.1f} CPU-min -> {out}")
 
 

@@ -457,7 +457,7 @@ def load(path: str | Path, modules: dict[str, nn.Module] | None = None) -> KFACS
     try:
         with safe_open(str(path), framework="pt") as f:
             meta_raw = (f.metadata() or {}).get("crispedit")
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tensors = {k: f.get_tensor(k).clone() for k in f.keys()}  # aligned memory: BLAS rounds as on collect()'s
     except Exception as e:  # safetensors raises its own error types for corrupt files
         raise StatisticsError(f"--curvature {path}: not a readable safetensors file ({e})") from None
     if meta_raw is None:

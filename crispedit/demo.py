@@ -95,35 +95,63 @@ def run_method(model, tok, requests, modules, stats, ref, method: str, gamma: fl
     }, session.targets
 
 
-def plot(rows: list[dict], sweep: list[dict], path: Path) -> None:
-    """Edit success (generation reliability) against capability drift (held-out KL), per method."""
+def row_name(r: dict) -> str:
+    """A row's name in the table and the plot: the method, its gamma, the blocks of a closed-form editor."""
+    name = r["method"] + ("" if r["gamma"] in (None, 0.0) else f" {r['gamma']:g}")
+    if r["method"] not in GRADIENT_METHODS and r.get("blocks"):
+        name += f" b{r['blocks'][0]}-{r['blocks'][-1]}"
+    return name
+
+
+# what the plot shows, as the table does: (key, panel title, upper end of the axis or None: the largest value)
+PANELS = (("reliability", "edit reliability", 1.0), ("locality_agreement", "locality: neighbours unchanged", 1.0),
+          ("known_facts_accuracy", "known unedited facts kept", 1.0),
+          ("heldout_kl", "held-out KL(base ‖ edited), nats/token\n(bar: measured; | K-FAC predicted)", None))
+COLOURS = {"crispedit": "tab:blue", "ft": "tab:red", "nullspace": "tab:green", "memit": "tab:orange",
+           "alphaedit": "tab:purple"}
+
+
+def plot(rows: list[dict], sweep: list[dict], path: Path) -> dict[str, tuple[float, float]]:
+    """The table's columns as bars, one row per method (and sweep point): reliability, locality, known
+    facts and held-out KL, each axis from zero, every bar labelled with its value. Returns each
+    panel's axis limits."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4.2))
-    colours = {"crispedit": "tab:blue", "ft": "tab:red", "nullspace": "tab:green", "memit": "tab:orange",
-               "alphaedit": "tab:purple"}
-    for method in ("crispedit", "nullspace"):
-        pts = sorted((r for r in sweep if r["method"] == method), key=lambda r: r["gamma"])
-        if pts:
-            ax.plot([r["heldout_kl"] for r in pts], [r["reliability"] for r in pts], "-", color=colours[method], alpha=0.5)
-            for r in pts:
-                ax.annotate(f"{r['gamma']:g}", (r["heldout_kl"], r["reliability"]), fontsize=7, color=colours[method])
-    for r in rows:
-        label = r["method"] + ("" if r["gamma"] in (None, 0.0) else f" γ={r['gamma']:g}")
-        ax.scatter(r["heldout_kl"], r["reliability"], color=colours[r["method"]], s=60, label=label, zorder=3)
-    ax.set_xscale("log")
-    ax.set_xlabel("capability drift: mean KL(base ‖ edited) on held-out text (nats/token)")
-    ax.set_ylabel("edit reliability (greedy generation)")
-    ax.set_title("crispedit demo: 300 edits of the demo world")
-    ax.legend(loc="lower right", fontsize=8)
+    entries = rows + sweep
+    ys = list(range(len(entries)))[::-1]  # the table's order, top to bottom
+    fig, axes = plt.subplots(1, len(PANELS), figsize=(3.2 * len(PANELS), 1.2 + 0.32 * len(entries)), sharey=True)
+    limits = {}
+    for ax, (key, title, top) in zip(axes, PANELS):
+        rate, values = top is not None, [r.get(key) for r in entries]
+        top = top if rate else 1.15 * max([v for v in values if v is not None] + [r.get("predicted_kl") or 0 for r in entries] + [1e-9])
+        for y, r, v in zip(ys, entries, values):
+            if v is None:
+                ax.text(0, y, " -", va="center", fontsize=7)
+                continue
+            ax.barh(y, v, color=COLOURS.get(r["method"], "tab:gray"), alpha=0.85, height=0.7)
+            at = max(v, r.get("predicted_kl") or 0) if key == "heldout_kl" else v
+            ax.text(at, y, f" {v:.3f}" if rate else f" {v:.3g}", va="center", fontsize=7)
+            if key == "heldout_kl" and r.get("predicted_kl") is not None:
+                ax.plot([r["predicted_kl"]] * 2, [y - 0.35, y + 0.35], color="black", lw=1.5)
+        ax.set_xlim(0, top * (1.25 if rate else 1.2))  # room for the values
+        if rate:
+            ax.set_xticks([0, 0.25, 0.5, 0.75, 1.0])
+        ax.set_title(title, fontsize=9)
+        ax.tick_params(labelsize=8)
+        ax.grid(axis="x", alpha=0.3)
+        limits[key] = tuple(float(x) for x in ax.get_xlim())
+    axes[0].set_yticks(ys, [row_name(r) for r in entries])
+    fig.suptitle(f"crispedit demo: the {'methods' if len(rows) > 1 else 'method'} on the demo world "
+                 "(scores by greedy generation: higher is better; KL: lower is better)", fontsize=9)
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=120)
     plt.close(fig)
     tmp.replace(path)
+    return limits
 
 
 def run(o: DemoOptions) -> int:
@@ -163,9 +191,7 @@ def run(o: DemoOptions) -> int:
     print(head)
     print("-" * len(head))
     for r in rows + sweep:
-        name = r["method"] + ("" if r["gamma"] in (None, 0.0) else f" {r['gamma']:g}")
-        if r["method"] not in GRADIENT_METHODS:
-            name += f" b{r['blocks'][0]}-{r['blocks'][-1]}"
+        name = row_name(r)
         known_acc = "-" if r["known_facts_accuracy"] is None else f"{r['known_facts_accuracy']:.3f}"
         print(f"{name:<16} {r['reliability']:>7.3f} {r['generalization']:>8.3f} {r['locality_agreement']:>8.3f} "
               f"{known_acc:>6} {r['perplexity_change']:>+8.2%} {r['heldout_kl']:>11.4f} "

@@ -64,17 +64,21 @@ def eigenbases(stats: KFACStatistics, devices: dict[str, torch.device] | None = 
         dev = devices[n] if devices else stats.A[n].device
         pair = []
         for key, M in (("A", stats.A[n]), ("G", stats.G[n])):  # eigh where the matrix lives (a GPU, say)
-            e = _cached_eigh(M.to(dev), f"{n}.{key}", Path(cache) if cache else None)
-            vectors = e.vectors.to(dev, vectors_dtype or e.vectors.dtype)
+            e = _cached_eigh(M.to(dev), f"{n}.{key}", Path(cache) if cache else None, vectors_dtype)
+            # row-major whatever eigh returned (column-major): a basis read back from a ledger or the
+            # cache has this layout, and matmuls of another layout may round differently
+            vectors = e.vectors.to(dev, vectors_dtype or e.vectors.dtype).contiguous()
             pair.append(Eigen(e.values.to(dev), vectors))
         out[n] = (pair[0], pair[1])
     return out
 
 
-EIGEN_CACHE_FORMAT = "crispedit.eigh/1"
+EIGEN_CACHE_FORMAT = "crispedit.eigh/2"
 
 
-def _cached_eigh(M: Tensor, name: str, cache: Path | None) -> Eigen:
+def _cached_eigh(M: Tensor, name: str, cache: Path | None, vectors_dtype: torch.dtype | None = None) -> Eigen:
+    """``eigh_factor(M)``, kept in ``cache`` with the eigenvectors in ``vectors_dtype`` (the dtype they
+    are used in: float32 halves a float64 cache; the cast is the one ``eigenbases`` makes anyway)."""
     if cache is None:
         return eigh_factor(M, name)
     import hashlib
@@ -82,16 +86,18 @@ def _cached_eigh(M: Tensor, name: str, cache: Path | None) -> Eigen:
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    h = hashlib.sha256(f"{EIGEN_CACHE_FORMAT}|{M.dtype}|{tuple(M.shape)}".encode())
+    h = hashlib.sha256(f"{EIGEN_CACHE_FORMAT}|{M.dtype}|{tuple(M.shape)}|{vectors_dtype}".encode())
     h.update(M.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     path = cache / f"eigh-{h.hexdigest()[:32]}.safetensors"
     if path.exists():
         try:
             with safe_open(str(path), framework="pt") as f:
-                return Eigen(f.get_tensor("values").to(M.device), f.get_tensor("vectors").to(M.device))
+                # clone: fresh aligned memory, so that matmuls round as with a basis computed here
+                return Eigen(f.get_tensor("values").to(M.device).clone(), f.get_tensor("vectors").to(M.device).clone())
         except Exception:  # a damaged cache file is recomputed, never trusted
             pass
     e = eigh_factor(M, name)
+    e = Eigen(e.values, e.vectors.to(vectors_dtype or e.vectors.dtype))
     try:
         cache.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -205,10 +211,12 @@ class EditOptimizer:
         return [m.weight for m in self.modules.values()]
 
     @torch.no_grad()
-    def step(self, projectors: dict[str, KroneckerProjector], constrain: Callable[[dict[str, Tensor]], None] | None = None,
+    def step(self, projectors: dict[str, KroneckerProjector],
+             constrain: Callable[[dict[str, Tensor], dict[str, Tensor]], None] | None = None,
              factors: "GradientFactors | None" = None) -> None:
         """Project each gradient, step, optionally project the step (``adam-projected-step``) and
-        apply ``constrain`` to the masters (a capability budget), then write the masters back.
+        apply ``constrain(masters, weights)`` (a capability budget; ``weights``: the model's, not yet
+        written), then write the masters back.
         ``factors`` (the layer inputs and output gradients of the batch) let a projector form the
         gradient's eigen-coordinates from them when counted flops say that is cheaper."""
         for n, m in self.modules.items():
@@ -228,8 +236,8 @@ class EditOptimizer:
         if before is not None:
             for n, w in self.masters.items():
                 w.copy_(before[n] + _project(projectors[n], w - before[n], self.conv[n]))
-        if constrain is not None:
-            constrain(self.masters)
+        if constrain is not None:  # a budget; the model's weights are still those of the step before
+            constrain(self.masters, {n: m.weight.detach() for n, m in self.modules.items()})
         for n, m in self.modules.items():
             if self.masters[n] is not m.weight:
                 m.weight.copy_(self.masters[n])
@@ -327,7 +335,7 @@ def run_epochs(
     loss_threshold: float = 1e-2,
     seed: int = 0,
     progress: bool = False,
-    constrain: Callable[[dict[str, Tensor]], None] | None = None,
+    constrain: Callable[[dict[str, Tensor], dict[str, Tensor]], None] | None = None,
     after_epoch: Callable[[int], dict[str, KroneckerProjector]] | None = None,
 ) -> tuple[int, list[float]]:
     """The editing loop over ``requests`` with the optimiser ``state``: returns (steps, epoch losses).
@@ -347,6 +355,8 @@ def run_epochs(
     device, pad = input_device(model), pad_id(tokenizer)
     gen = torch.Generator().manual_seed(seed)
     batches = -(-len(items) // batch_size)
+    if constrain is not None and hasattr(constrain, "begin"):
+        constrain.begin()  # a budget re-anchors at the chunk's start (a resumed ledger continues bit for bit)
     steps, epoch_losses = 0, []
     # eval mode: no dropout, so the edit is a deterministic function of the seed
     with frozen(model, state.weights), GradientFactors(state.modules) as factors, \

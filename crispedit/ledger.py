@@ -1,53 +1,58 @@
 """The ledger: an editing history on disk, continued days later bit for bit, reverted to any chunk.
 
-A ledger directory holds
+This module is storage only: it writes and reads tensors and JSON; ``EditSession`` (session.py)
+computes what goes in and rebuilds itself from what comes out. A ledger directory holds
 
 - ``ledger.json`` — what the history is: the model and the SHA-256 of its base matrices, the method
-  options, the capability statistics' metadata, every chunk's record (requests hash, steps, losses,
-  drift, metrics, refreshes, budget, the SHA-256 of the weights after it), and the names of the
-  current state files. It is the commit point: written last, under a temporary name, then renamed.
-- ``base.safetensors`` — written once: the protected sources at the base (capability sums, each
-  protect-set's sums) and the token ids of the capability corpus and the protect-sets (what a refresh
-  or the ``mix`` variant recomputes statistics from).
-- ``state-K.safetensors`` — the state after chunk K: the cumulative ΔW, the sources that differ from
-  the base ones (the edits' sums; all of them after a refresh), the optimiser state (float32 masters
-  of bf16/fp16 models, Adam moments), the weights where the statistics were last taken (after a
-  refresh), AlphaEdit's preserved keys, and the eigenbases when a rebuild is deferred.
-- ``requests-K.jsonl`` — every request edited so far, with its chunk.
+  options, the capability statistics' metadata, every chunk's record, the current state and the kept
+  ones (snapshots, reverted branches), the SHA-256 of every file it names, and a ``commit`` id. It is
+  the commit point: written to a temporary name, flushed to disk, renamed, the directory flushed.
+- ``base-*.safetensors`` — the protected sources at the base (capability sums, each protect-set's
+  sums) and the token ids of the capability corpus and the protect-sets.
+- ``state-K-*.safetensors`` / ``requests-K-*.jsonl`` — the state after chunk K (cumulative ΔW,
+  the sources that differ from the base ones, the optimiser state, ...) and every request edited so
+  far with its chunk. A file is never rewritten: each commit writes new names (``K`` and the commit
+  id), so nothing ``ledger.json`` names can be half-replaced. A *snapshot* is a state file kept
+  after it stops being current (every ``snapshot_every`` chunks), for ``revert`` without recomputation.
 - ``delta.safetensors`` and ``manifest.json`` — the cumulative ΔW and its hashes, so that
-  ``crispedit apply-delta --delta LEDGER`` makes the current model from the base.
-- ``snapshots/`` — copies of ``state-K`` / ``requests-K`` every ``snapshot_every`` chunks, for
-  ``crispedit revert LEDGER --to K`` without recomputation. Without one, revert replays the chunks
-  after the nearest earlier snapshot (or the base), which gives the same bits on the same machine.
+  ``crispedit apply-delta --delta LEDGER`` makes the current model from the base. They are derived:
+  renamed into place right after the commit, and recorded with the commit id they belong to; a
+  reader of a ledger takes ΔW from the current state file instead when they lag behind.
+- ``ledger.lock`` — who writes the ledger now (pid, host, start): one writer at a time, by the
+  operating system's advisory lock (``flock``), released when the process ends however it ends.
+  Readers (``log``, ``apply-delta``) never take it.
 
-A crash in the middle of a chunk leaves the ledger as it was after the last complete chunk: new state
-files get new names, and only the rename of ``ledger.json`` makes them current.
+A crash at any point leaves the ledger as it was after its last commit; leftovers of the interrupted
+write are removed by the next one. Every file named in ``ledger.json`` is checked against its SHA-256
+when it is read.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import hashlib
 import json
 import os
-import shutil
+import socket
+import time
+import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from torch import Tensor, nn
+from torch import Tensor
 
-from . import __version__
-from .options import MethodOptions
-from .projector import Eigen
 from .requests import EditRequest
-from .saving import DELTA_FILE, MANIFEST, SaveError, edit_manifest, shifted, weights_hash, write_delta
+from .saving import DELTA_FILE, MANIFEST, SaveError, write_delta
 
-FORMAT = "crispedit.ledger/1"
+FORMAT = "crispedit.ledger/2"
+READABLE = (FORMAT, "crispedit.ledger/1")
 LEDGER = "ledger.json"
-BASE = "base.safetensors"
-SNAPSHOTS = "snapshots"
+LOCK = "ledger.lock"
+SNAPSHOTS = "snapshots"  # format 1 kept snapshot copies here
 SNAPSHOT_AUTO_BYTES = 256 << 20  # default: a snapshot every chunk when one is smaller than this, else none
+_OWN = ("state-", "requests-", "base", ".")  # file names a ledger writes (and may remove when unreferenced)
 
 
 class LedgerError(ValueError):
@@ -59,28 +64,177 @@ def _where(directory: Path, what: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# state <-> tensors
+# one writer at a time
 
 
-def _sums_tensors(prefix: str, sums) -> dict[str, Tensor]:
+class WriterLock:
+    """The exclusive right to write the ledger in ``directory``: ``flock`` on ``ledger.lock``, which
+    holds the holder's pid, host and start time. A second writer is refused at once, naming the
+    holder; a lock file left by a process that died is taken over (``took_over`` says from whom).
+    Re-entrant within a process (a session's saves inside the command that holds it)."""
+
+    _held: dict[Path, list] = {}  # directory -> [file descriptor, depth]: the locks this process holds
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory).expanduser().resolve()
+        self.took_over: str | None = None
+
+    def acquire(self) -> "WriterLock":
+        import fcntl
+
+        held = WriterLock._held.get(self.directory)
+        if held is not None:
+            held[1] += 1
+            return self
+        self.directory.mkdir(parents=True, exist_ok=True)
+        path = self.directory / LOCK
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise LedgerError(_where(self.directory, f"another process is writing it ({_holder(path)}); wait for it "
+                                                     "to finish, or stop it, and run this again")) from None
+        previous = os.read(fd, 4096).decode(errors="replace").strip()
+        if previous:
+            self.took_over = _describe_holder(previous)
+        me = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, me.encode() + b"\n", 0)
+        os.fsync(fd)
+        WriterLock._held[self.directory] = [fd, 1]
+        return self
+
+    def release(self) -> None:
+        held = WriterLock._held.get(self.directory)
+        if held is None:
+            return
+        held[1] -= 1
+        if held[1] == 0:
+            del WriterLock._held[self.directory]
+            os.ftruncate(held[0], 0)  # a clean end leaves no holder to take over from
+            os.close(held[0])  # closing the descriptor releases the flock
+
+    def __enter__(self) -> "WriterLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _describe_holder(text: str) -> str:
+    try:
+        h = json.loads(text)
+        return f"pid {h['pid']} on {h['host']}, since {h['started']}"
+    except (ValueError, KeyError, TypeError):
+        return "an unknown process"
+
+
+def _holder(path: Path) -> str:
+    try:
+        return _describe_holder(path.read_text())
+    except OSError:
+        return "an unknown process"
+
+
+def holds_lock(directory: str | Path) -> bool:
+    return Path(directory).expanduser().resolve() in WriterLock._held
+
+
+# ---------------------------------------------------------------------------------------------
+# durable files with checksums
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file, or a directory's entries (a rename), to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _durable(write, path: Path, rename: bool = True) -> str:
+    """``write(tmp)``, flush it to disk, rename it to ``path`` (``rename=False``: leave it at the
+    returned temporary name) and flush the directory. Returns the file's SHA-256 (or the temporary
+    path's name). On failure nothing is left and the ledger is as it was."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        _fsync(tmp)
+        sha = file_sha256(tmp)
+        if not rename:
+            return tmp.name
+        os.replace(tmp, path)
+        _fsync(path.parent)
+        return sha
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise SaveError(f"ledger {path.parent}: could not write {path.name} ({e.strerror or e}); "
+                        "the ledger is as it was after its last commit") from None
+
+
+def _save_tensors(tensors: dict[str, Tensor], path: Path) -> str:
+    return _durable(lambda tmp: save_file(tensors, str(tmp)), path)
+
+
+def _save_text(text: str, path: Path) -> str:
+    return _durable(lambda tmp: tmp.write_text(text, encoding="utf-8"), path)
+
+
+def _verified(directory: Path, name: str, sha: str | None) -> Path:
+    """The path of ``name``, after checking it exists and hashes to ``sha`` (when recorded)."""
+    path = directory / name
+    if not path.is_file():
+        raise LedgerError(_where(directory, f"{name} is missing (corrupted, or copied in part)"))
+    if sha is not None and file_sha256(path) != sha:
+        raise LedgerError(_where(directory, f"{name} does not match the SHA-256 recorded in {LEDGER} (corrupted: "
+                                            "a changed or truncated file); restore it from a backup or revert "
+                                            "to a chunk whose state is intact"))
+    return path
+
+
+def _load_tensors(directory: Path, name: str, sha: str | None) -> dict[str, Tensor]:
+    path = _verified(directory, name, sha)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            # copies in fresh (64-byte aligned) memory: BLAS kernels may round differently on the
+            # unaligned buffers safetensors returns, and a resume must give the same bits
+            return {k: f.get_tensor(k).clone() for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for corrupt files
+        raise LedgerError(_where(directory, f"{name} is corrupted ({str(e).splitlines()[0]})")) from None
+
+
+# ---------------------------------------------------------------------------------------------
+# tensors <-> plain structures
+
+
+def sums_tensors(prefix: str, A: dict[str, Tensor], G: dict[str, Tensor]) -> dict[str, Tensor]:
     out = {}
-    for n in sums.A:
-        out[f"{prefix}.{n}.A"], out[f"{prefix}.{n}.G"] = sums.A[n], sums.G[n]
+    for n in A:
+        out[f"{prefix}.{n}.A"], out[f"{prefix}.{n}.G"] = A[n], G[n]
     return out
 
 
-def _sums_from(tensors: dict[str, Tensor], prefix: str, names: list[str], tokens: int):
-    from .session import Sums
-
-    return Sums({n: tensors[f"{prefix}.{n}.A"] for n in names}, {n: tensors[f"{prefix}.{n}.G"] for n in names}, tokens)
+def sums_from(tensors: dict[str, Tensor], prefix: str, names: list[str]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    return {n: tensors[f"{prefix}.{n}.A"] for n in names}, {n: tensors[f"{prefix}.{n}.G"] for n in names}
 
 
-def _documents_tensors(name: str, docs: list[list[int]]) -> dict[str, Tensor]:
+def documents_tensors(name: str, docs: list[list[int]]) -> dict[str, Tensor]:
     return {f"documents.{name}.ids": torch.tensor([t for d in docs for t in d], dtype=torch.int64),
             f"documents.{name}.lengths": torch.tensor([len(d) for d in docs], dtype=torch.int64)}
 
 
-def _documents_from(tensors: dict[str, Tensor], name: str) -> list[list[int]]:
+def documents_from(tensors: dict[str, Tensor], name: str) -> list[list[int]]:
     ids, lengths = tensors[f"documents.{name}.ids"].tolist(), tensors[f"documents.{name}.lengths"].tolist()
     out, at = [], 0
     for n in lengths:
@@ -89,111 +243,13 @@ def _documents_from(tensors: dict[str, Tensor], name: str) -> list[list[int]]:
     return out
 
 
-def base_tensors(session) -> tuple[dict[str, Tensor], dict]:
-    """The part of a history fixed at its start: the protected sources at the base, and the documents."""
-    tensors, meta = {}, {"sources": {}}
-    for source, sums in session.base_sources.items():
-        meta["sources"][source] = sums.tokens
-        tensors.update(_sums_tensors(f"sums.{source}", sums))
-    tensors.update(_documents_tensors("capability", session.capability_documents))
-    for name, docs in session.protect_documents.items():
-        tensors.update(_documents_tensors(f"protect:{name}", docs))
-    return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, meta
-
-
-def state_tensors(session) -> tuple[dict[str, Tensor], dict]:
-    """Everything of ``session`` that changes as it edits: tensors, and the JSON that goes with them."""
-    session.flush_statistics()
-    tensors = {f"delta.{n}": d for n, d in session.deltas().items()}
-    for n, m in session.modules.items():  # a float64 model: no wider dtype makes W0 + ΔW exact, keep W itself
-        if tensors[f"delta.{n}"].dtype == m.weight.dtype:
-            tensors[f"weights.{n}"] = m.weight
-    meta: dict = {"sources": {}, "stale": session.stale, "chunks_since_rebuild": session.chunks_since_rebuild,
-                  "budget_spent": session.budget_spent}
-    for source, sums in session.sources.items():
-        if sums is session.base_sources.get(source):
-            meta["sources"][source] = "base"
-        else:
-            meta["sources"][source] = sums.tokens
-            tensors.update(_sums_tensors(f"sums.{source}", sums))
-    if session.state is not None:
-        opt, meta["optimizer"] = session.state.state_tensors()
-        tensors.update({f"opt.{k}": v for k, v in opt.items()})
-    if session.stats_weights is not session.base:
-        tensors.update({f"stats-weights.{n}": w for n, w in session.stats_weights.items()})
-    if session.preserved is not None:
-        tensors.update({f"preserved.{n}": v for n, v in session.preserved.items()})
-    if session.stale and session.eig is not None and session.chunks_since_rebuild < session.options.rebuild_every:
-        for n, (eA, eG) in session.eig.items():  # a deferred rebuild: the next chunk still uses these
-            tensors.update({f"eig.{n}.A.values": eA.values, f"eig.{n}.A.vectors": eA.vectors,
-                            f"eig.{n}.G.values": eG.values, f"eig.{n}.G.vectors": eG.vectors})
-    return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, meta
-
-
-def restore_state(session, tensors: dict[str, Tensor], meta: dict) -> None:
-    """Set ``session`` (made at the base) to the state ``state_tensors`` described, bit for bit."""
-    names = list(session.modules)
-    dev = {n: m.weight.device for n, m in session.modules.items()}
-    with torch.no_grad():
-        for n, m in session.modules.items():
-            w = tensors.get(f"weights.{n}")
-            m.weight.copy_(shifted(session.base[n], tensors[f"delta.{n}"], +1) if w is None else w)
-    session.sources = {s: session.base_sources[s] if tokens == "base" else _sums_from(tensors, f"sums.{s}", names, tokens)
-                       for s, tokens in meta["sources"].items()}
-    if session.state is not None:
-        session.state.load_state({k[4:]: v for k, v in tensors.items() if k.startswith("opt.")}, meta["optimizer"])
-    if f"stats-weights.{names[0]}" in tensors:
-        session.stats_weights = {n: tensors[f"stats-weights.{n}"].to(dev[n]) for n in names}
-    if f"preserved.{names[0]}" in tensors:
-        session.preserved = {n: tensors[f"preserved.{n}"].to(dev[n]) for n in names}
-    session.stale, session.chunks_since_rebuild = meta["stale"], meta["chunks_since_rebuild"]
-    session.budget_spent = meta["budget_spent"]
-    if f"eig.{names[0]}.A.values" in tensors:
-        session.eig = {n: (Eigen(tensors[f"eig.{n}.A.values"].to(dev[n]), tensors[f"eig.{n}.A.vectors"].to(dev[n])),
-                           Eigen(tensors[f"eig.{n}.G.values"].to(dev[n]), tensors[f"eig.{n}.G.vectors"].to(dev[n])))
-                       for n in names}
-        session.projectors = session._projectors(session.eig)
+def requests_text(requests: list[tuple[int, EditRequest]]) -> str:
+    """``requests-K.jsonl``: one request per line with its chunk (counted from 1)."""
+    return "".join(json.dumps({"chunk": c + 1, **r.to_json()}) + "\n" for c, r in requests)
 
 
 # ---------------------------------------------------------------------------------------------
-# writing
-
-
-def _bytes(tensors: dict[str, Tensor]) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors.values())
-
-
-def _commit_file(write, path: Path) -> None:
-    """``write(tmp)`` then rename to ``path``; on failure the ledger is as it was."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise SaveError(f"ledger {path.parent}: could not write {path.name} ({e.strerror or e}); "
-                        "the ledger is as it was after its last complete chunk") from None
-
-
-def _save_tensors(tensors: dict[str, Tensor], path: Path) -> None:
-    _commit_file(lambda tmp: save_file(tensors, str(tmp)), path)
-
-
-def _save_text(text: str, path: Path) -> None:
-    _commit_file(lambda tmp: tmp.write_text(text), path)
-
-
-def describe(session, model_id: str | None) -> dict:
-    """The identity of a history: what a model must match to continue it."""
-    cfg = getattr(session.model, "config", None)
-    return {
-        "format": FORMAT, "version": __version__, "model": model_id or getattr(cfg, "_name_or_path", None),
-        "model_type": getattr(cfg, "model_type", None),
-        "model_dtype": str(next(iter(session.modules.values())).weight.dtype).removeprefix("torch."),
-        "modules": {n: list(m.weight.shape) for n, m in session.modules.items()},
-        "base_weights_sha256": session.base_hash, "options": dataclasses.asdict(session.options),
-        "capability": session.capability_meta, "protect": sorted(session.protect_documents),
-    }
+# sizes
 
 
 def state_file_bytes(shapes, dtype: torch.dtype, optimizer: bool = True, edit_sums: bool = True) -> dict[str, int]:
@@ -220,84 +276,138 @@ def state_file_bytes(shapes, dtype: torch.dtype, optimizer: bool = True, edit_su
     return parts
 
 
-def snapshot_bytes(session) -> int:
-    """What one snapshot of a state will take once the history is under way (at the start the
-    optimiser state and the edits' sums do not exist yet): ``state_file_bytes`` of the session."""
-    o = session.options
-    shapes = [tuple(m.weight.shape) for m in session.modules.values()]
-    dtype = next(iter(session.modules.values())).weight.dtype
-    keeps_sums = o.method in ("crispedit", "nullspace") and o.protect_edits == "merge"
-    return sum(state_file_bytes(shapes, dtype, session.state is not None, keeps_sums).values())
+def auto_snapshot_every(state_bytes: int) -> int:
+    """The default: a snapshot every chunk when a state is smaller than ``SNAPSHOT_AUTO_BYTES``, else none."""
+    return 1 if state_bytes < SNAPSHOT_AUTO_BYTES else 0
 
 
-def save(session, directory: str | Path, model_id: str | None = None, snapshot_every: int | None = None) -> Path:
-    """Write the ledger of ``session`` into ``directory`` (new, or its own ledger): after every chunk."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    previous = _read_json(directory) if (directory / LEDGER).exists() else {}
-    k = len(session.history)
-    tensors, meta = state_tensors(session)
-    if snapshot_every is None:
-        snapshot_every = previous.get("snapshot_every")
-    if snapshot_every is None:
-        snapshot_every = 1 if snapshot_bytes(session) < SNAPSHOT_AUTO_BYTES else 0
-    if not (directory / BASE).exists():
-        base, base_meta = base_tensors(session)
-        _save_tensors(base, directory / BASE)
-    else:
-        base_meta = previous["base"]
-    state_name, requests_name = f"state-{k:05d}.safetensors", f"requests-{k:05d}.jsonl"
-    _save_tensors(tensors, directory / state_name)
-    _save_text("".join(json.dumps({"chunk": c + 1, **r.to_json()}) + "\n" for c, r in session.requests),
-               directory / requests_name)
-    entry = {"state": state_name, "state_meta": meta, "requests": requests_name,
-             "edited_weights_sha256": weights_hash({n: m.weight for n, m in session.modules.items()})}
-    snapshots = dict(previous.get("snapshots", {}))
-    if snapshot_every and k % snapshot_every == 0:
-        (directory / SNAPSHOTS).mkdir(exist_ok=True)
-        for name in (state_name, requests_name):
-            _commit_file(lambda tmp, name=name: shutil.copyfile(directory / name, tmp), directory / SNAPSHOTS / name)
-        snapshots[str(k)] = entry
-    info = {**describe(session, model_id or previous.get("model")), "base": base_meta, "chunks": session.history,
-            "reverted": previous.get("reverted", []), "snapshot_every": snapshot_every, "snapshots": snapshots,
-            "current": entry}
-    _save_text(json.dumps(info, indent=1, default=str) + "\n", directory / LEDGER)  # the commit
-    _write_delta_files(directory, session, info)
-    _remove_unreferenced(directory, info)
-    return directory
+# ---------------------------------------------------------------------------------------------
+# writing: one commit
 
 
-def _write_delta_files(directory: Path, session, info: dict) -> None:
-    """``delta.safetensors`` + ``manifest.json`` of the current state (derived; ``ledger.json`` rules)."""
-    deltas = session.deltas()
-    manifest = edit_manifest(session.modules, deltas, {"base_model": info["model"], "ledger": True,
-                                                       "chunks": len(info["chunks"]), "options": info["options"]},
-                             session.base_hash)
-    _commit_file(lambda tmp: write_delta_to(tmp, deltas), directory / DELTA_FILE)
-    _save_text(json.dumps(manifest, indent=2, default=str) + "\n", directory / MANIFEST)
+def _is_own(name: str) -> bool:
+    return name.startswith(_OWN) or name in (LEDGER, LOCK, DELTA_FILE, MANIFEST, SNAPSHOTS) or name.startswith("eigh-")
 
 
-def write_delta_to(path: Path, deltas: dict[str, Tensor]) -> None:
-    tmpdir = path.parent / f".{path.name}.d"
+def _referenced(info: dict) -> set[str]:
+    """Every file ``ledger.json`` names: the base, the current state, snapshots, kept reverted states."""
+    entries = [info["current"], *info["snapshots"].values()]
+    for branch in info.get("reverted", []):
+        entries += [e for e in [branch.get("head"), *branch.get("snapshots", {}).values()] if e]
+    return {info["base"]["file"]} | {e[k] for e in entries for k in ("state", "requests")}
+
+
+def _remove_unreferenced(directory: Path, info: dict) -> None:
+    """State, request and base files no commit names any more, and leftovers of interrupted writes."""
+    keep = _referenced(info)
+    for d in (directory, directory / SNAPSHOTS):
+        if not d.is_dir():
+            continue
+        for p in d.iterdir():
+            rel = p.relative_to(directory).as_posix()
+            stale = p.name.startswith(("state-", "requests-", "base")) and rel not in keep
+            if p.is_file() and (stale or (p.name.startswith(".") and p.name.endswith(".tmp"))):
+                p.unlink()
+
+
+def commit(directory: str | Path, *, owner: str | None, identity: dict, history: list[dict],
+           state: tuple[dict[str, Tensor], dict], requests: str, edited_sha256: str,
+           base: tuple[dict[str, Tensor], dict] | None = None, snapshot_every: int | None = None,
+           delta: tuple[dict[str, Tensor], dict] | None = None, revert_to: int | None = None,
+           discard: bool = False, extra: dict | None = None) -> dict:
+    """Write the state after ``len(history)`` chunks and make it current, in one commit.
+
+    ``owner``: the commit id of the ledger this history was loaded from or last saved to (None: a new
+    ledger, refused where one is committed already); a ledger another writer committed to since is
+    refused, so no history silently replaces another. ``base``: the base tensors and their metadata
+    (required for a new ledger; a changed base — an added protect-set — gets a new file). ``delta``:
+    ``(ΔW, manifest)`` for ``delta.safetensors`` / ``manifest.json``. ``revert_to``: this state
+    replaces a history that went further (a replay), whose chunks after ``revert_to`` become a
+    reverted branch (``discard``: forgotten, their files removed). ``extra``: more keys for
+    ``ledger.json`` (the evaluation files). Returns the new ``ledger.json``."""
+    directory = Path(directory).expanduser()
+    with WriterLock(directory):
+        previous = _read_json(directory) if (directory / LEDGER).exists() else None
+        if previous is None:
+            strangers = sorted(p.name for p in directory.iterdir() if not _is_own(p.name))
+            if strangers:
+                raise LedgerError(_where(directory, f"holds {strangers[0]}, which is not a ledger's file; give an "
+                                                    "empty or new directory"))
+            if base is None:
+                raise LedgerError(_where(directory, "a new ledger needs its base tensors"))
+        elif previous["commit"] != owner:
+            raise LedgerError(_where(directory, "holds another history, or was changed by another writer since this "
+                                                f"session read it (now at chunk {len(previous['chunks'])}, commit "
+                                                f"{previous['commit'][:8]}); nothing was written"))
+        cid = uuid.uuid4().hex
+        k = len(history)
+        if base is not None:
+            name = f"base-{cid[:8]}.safetensors"
+            base_entry = {**base[1], "file": name, "sha256": _save_tensors(base[0], directory / name)}
+        else:
+            base_entry = previous["base"]
+        state_name, requests_name = f"state-{k:05d}-{cid[:8]}.safetensors", f"requests-{k:05d}-{cid[:8]}.jsonl"
+        entry = {"chunks": k, "state": state_name, "state_sha256": _save_tensors(state[0], directory / state_name),
+                 "state_meta": state[1], "requests": requests_name,
+                 "requests_sha256": _save_text(requests, directory / requests_name), "edited_weights_sha256": edited_sha256}
+        if snapshot_every is None:
+            snapshot_every = previous.get("snapshot_every", 1) if previous else 1
+        snapshots = dict(previous["snapshots"]) if previous else {}
+        reverted = _unreachable(previous.get("reverted", [])) if previous else []  # a new chunk: no way back
+        if revert_to is not None:
+            reverted.append(_branch(previous, revert_to, discard))
+            if not discard:  # the replayed state at ``revert_to`` is where the branch starts
+                reverted[-1]["at_sha256"] = edited_sha256
+            snapshots = {c: e for c, e in snapshots.items() if int(c) <= revert_to}
+        if snapshot_every and k % snapshot_every == 0:
+            snapshots[str(k)] = entry
+        info = {**identity, "format": FORMAT, "commit": cid, "base": base_entry, "chunks": history,
+                "reverted": reverted, "snapshot_every": snapshot_every, "snapshots": snapshots, "current": entry,
+                **(extra if extra is not None else {k: previous[k] for k in ("evaluation",) if previous and k in previous})}
+        pending = []
+        if delta is not None:  # written before the commit, renamed into place after it
+            deltas, manifest = delta
+            manifest = {**manifest, "ledger_commit": cid}
+            pending = [(_durable(lambda tmp: _write_delta_file(tmp, deltas), directory / DELTA_FILE, rename=False),
+                        DELTA_FILE),
+                       (_durable(lambda tmp: tmp.write_text(json.dumps(manifest, indent=2, default=str) + "\n"),
+                                 directory / MANIFEST, rename=False), MANIFEST)]
+        _save_text(json.dumps(info, indent=1, default=str) + "\n", directory / LEDGER)  # the commit
+        for tmp, name in pending:
+            os.replace(directory / tmp, directory / name)
+        if pending:
+            _fsync(directory)
+        _remove_unreferenced(directory, info)
+        return info
+
+
+def _write_delta_file(path: Path, deltas: dict[str, Tensor]) -> None:
+    tmpdir = path.parent / f"{path.name}.d"
     tmpdir.mkdir(exist_ok=True)
     try:
         write_delta(tmpdir, deltas)
         os.replace(tmpdir / DELTA_FILE, path)
     finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
-
-
-def _remove_unreferenced(directory: Path, info: dict) -> None:
-    keep = {info["current"]["state"], info["current"]["requests"]}
-    for p in directory.iterdir():
-        if p.name.startswith(("state-", "requests-")) and p.name not in keep:
+        for p in tmpdir.iterdir():
             p.unlink()
-    snaps = directory / SNAPSHOTS
-    if snaps.exists():
-        keep = {e[k] for e in info["snapshots"].values() for k in ("state", "requests")}
-        for p in snaps.iterdir():
-            if p.name.startswith(("state-", "requests-")) and p.name not in keep:
-                p.unlink()
+        tmpdir.rmdir()
+
+
+def _unreachable(branches: list[dict]) -> list[dict]:
+    """Reverted branches once the history has moved on: only their records stay (their states, which
+    no ``revert`` can reach any more, are removed with the next commit)."""
+    return [{"to": b["to"], "chunks": b["chunks"]} for b in branches]
+
+
+def _branch(info: dict, to: int, discard: bool) -> dict:
+    """The chunks of ``info`` after ``to`` as a reverted branch: their records, and (unless
+    ``discard``) the states that let ``revert --to`` bring them back."""
+    branch = {"to": to, "chunks": info["chunks"][to:]}
+    if not discard:
+        at = info["snapshots"].get(str(to))
+        branch.update(head=info["current"], snapshots={c: e for c, e in info["snapshots"].items() if int(c) > to},
+                      at_sha256=at["edited_weights_sha256"] if at else None)
+    return branch
 
 
 # ---------------------------------------------------------------------------------------------
@@ -307,113 +417,109 @@ def _remove_unreferenced(directory: Path, info: dict) -> None:
 def _read_json(directory: Path) -> dict:
     path = directory / LEDGER
     if not path.exists():
-        raise LedgerError(_where(directory, f"no {LEDGER} (not a ledger written by `crispedit edit --ledger`)"))
+        leftovers = directory.is_dir() and any(p.name.startswith(("base", "state-")) for p in directory.iterdir())
+        why = ("a ledger whose start was interrupted before its first commit; start it again with `crispedit edit "
+               "--ledger` on this directory") if leftovers else "not a ledger written by `crispedit edit --ledger`"
+        raise LedgerError(_where(directory, f"no {LEDGER} ({why})"))
     try:
-        info = json.loads(path.read_text())
+        text = path.read_text(encoding="utf-8")
+        info = json.loads(text)
     except (OSError, ValueError) as e:
         raise LedgerError(_where(directory, f"{LEDGER} is unreadable ({e})")) from None
-    if not isinstance(info, dict) or info.get("format") != FORMAT:
+    if not isinstance(info, dict) or info.get("format") not in READABLE:
         got = info.get("format") if isinstance(info, dict) else None
         raise LedgerError(_where(directory, f"{LEDGER} has format {got!r}, expected {FORMAT!r}"))
     for key in ("current", "base", "modules", "base_weights_sha256", "options", "chunks", "snapshots"):
         if key not in info:
             raise LedgerError(_where(directory, f"{LEDGER} lacks {key!r} (half-written or corrupted)"))
+    if info["format"] != FORMAT:  # format 1: snapshot copies under snapshots/, one base file, no checksums
+        info["commit"] = "v1-" + hashlib.sha256(text.encode()).hexdigest()[:24]
+        info["base"] = {**info["base"], "file": "base.safetensors"}
+        info["snapshots"] = {c: {**e, "state": f"{SNAPSHOTS}/{e['state']}", "requests": f"{SNAPSHOTS}/{e['requests']}"}
+                             for c, e in info["snapshots"].items()}
     return info
 
 
 def read(directory: str | Path) -> dict:
-    """The ledger's JSON (the history), checked."""
-    return _read_json(Path(directory))
+    """The ledger's JSON (the history), checked; no file it names is read."""
+    return _read_json(Path(directory).expanduser())
 
 
-def _load_tensors(path: Path, directory: Path) -> dict[str, Tensor]:
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # safetensors raises its own error types for missing or corrupt files
-        raise LedgerError(_where(directory, f"{path.name} is missing or corrupted ({str(e).splitlines()[0]})")) from None
+def check_files(directory: str | Path, info: dict) -> None:
+    """The files the current state needs are there (a copy in part, a deleted state file: refused
+    before anything loads or changes). Their checksums are verified when they are read."""
+    directory = Path(directory)
+    for name in (info["base"]["file"], info["current"]["state"], info["current"]["requests"]):
+        if not (directory / name).is_file():
+            raise LedgerError(_where(directory, f"{name} is missing (corrupted, or copied in part)"))
 
 
-def read_requests(path: Path, directory: Path) -> list[tuple[int, EditRequest]]:
-    """``(chunk index from 0, request)`` of every edited request."""
+def read_base(directory: str | Path, info: dict) -> dict[str, Tensor]:
+    return _load_tensors(Path(directory), info["base"]["file"], info["base"].get("sha256"))
+
+
+def entry_at(info: dict, chunk: int | None, directory: str | Path = ".") -> dict:
+    """The kept state after ``chunk`` (None: the current one)."""
+    if chunk is None or chunk == len(info["chunks"]):
+        return info["current"]
+    if str(chunk) not in info["snapshots"]:
+        raise LedgerError(_where(Path(directory), f"no snapshot after chunk {chunk}"))
+    return info["snapshots"][str(chunk)]
+
+
+def read_state(directory: str | Path, entry: dict) -> tuple[dict[str, Tensor], list[tuple[int, EditRequest]]]:
+    """The tensors and the requests of a kept state, checked against their SHA-256."""
+    directory = Path(directory)
+    tensors = _load_tensors(directory, entry["state"], entry.get("state_sha256"))
+    return tensors, read_requests(directory, entry)
+
+
+def read_requests(directory: str | Path, entry: dict) -> list[tuple[int, EditRequest]]:
+    """``(chunk index from 0, request)`` of every request edited up to ``entry``."""
+    directory = Path(directory)
+    path = _verified(directory, entry["requests"], entry.get("requests_sha256"))
     out = []
     try:
-        for line in path.read_text().splitlines():
+        for line in path.read_text(encoding="utf-8").splitlines():
             rec = json.loads(line)
             loc = [(d["prompt"], d["answer"]) for d in rec.get("locality", [])]
             out.append((rec["chunk"] - 1, EditRequest(rec["prompt"], rec["target_new"], rec.get("subject"),
                                                       rec.get("ground_truth"), rec.get("rephrase_prompts", []), loc,
                                                       rec.get("case_id"))))
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise LedgerError(_where(directory, f"{path.name} is missing or corrupted ({e})")) from None
+        raise LedgerError(_where(directory, f"{entry['requests']} is corrupted ({e})")) from None
     return out
 
 
-def check_model(info: dict, modules: dict[str, nn.Module], directory: Path) -> None:
-    """Refuse a model whose edited matrices are not the ledger's (other layers, shapes, dtype)."""
-    got = {n: list(m.weight.shape) for n, m in modules.items()}
-    if got != info["modules"]:
-        raise LedgerError(_where(directory, f"edits {', '.join(info['modules'])}; this run edits {', '.join(got)} "
-                                            "(another model, or other --layers)"))
-    dtype = str(next(iter(modules.values())).weight.dtype).removeprefix("torch.")
-    if dtype != info["model_dtype"]:
-        raise LedgerError(_where(directory, f"made with a {info['model_dtype']} model; this one is {dtype} "
-                                            f"(use --dtype {info['model_dtype']})"))
-
-
-def to_base(info: dict, modules: dict[str, nn.Module], directory: Path) -> None:
-    """Put ``modules`` at the ledger's base: they are the base already, or the ledger's current edit."""
-    current = weights_hash({n: m.weight for n, m in modules.items()})
-    if current == info["base_weights_sha256"]:
-        return
-    if current != info["current"]["edited_weights_sha256"]:
-        raise LedgerError(_where(directory, "the model's edited matrices are neither the ledger's base nor its "
-                                            "current edit (another checkpoint?)"))
-    deltas = _load_tensors(directory / info["current"]["state"], directory)
-    with torch.no_grad():
-        for n, m in modules.items():
-            m.weight.copy_(shifted(m.weight, deltas[f"delta.{n}"], -1))
-
-
-def options_of(info: dict) -> MethodOptions:
-    fields = {f.name for f in dataclasses.fields(MethodOptions)}
-    return MethodOptions(**{k: v for k, v in info["options"].items() if k in fields})
-
-
-def load(directory: str | Path, model: nn.Module, tokenizer, modules: dict[str, nn.Module], progress: bool = False,
-         chunk: int | None = None):
-    """The session of the ledger in ``directory`` on ``model`` (at the ledger's base, or as the ledger
-    left it): weights, statistics, optimiser state and history restored bit for bit. ``chunk``: the
-    state after that chunk (a snapshot; 0 is the start) instead of the current one."""
-    from .session import EditSession
+def current_delta(directory: str | Path) -> tuple[dict[str, Tensor], dict]:
+    """ΔW and its manifest of the ledger's current state, for ``apply-delta --delta LEDGER``:
+    ``delta.safetensors`` when it belongs to the current commit, else ΔW from the state file."""
+    from .saving import read_delta_files
 
     directory = Path(directory)
-    info = _read_json(directory)
-    check_model(info, modules, directory)
-    to_base(info, modules, directory)
-    base = _load_tensors(directory / BASE, directory)
-    names = list(modules)
-    base_sources = {s: _sums_from(base, f"sums.{s}", names, t) for s, t in info["base"]["sources"].items()}
-    protect = {name: _documents_from(base, f"protect:{name}") for name in info.get("protect", [])}
-    session = EditSession(model, tokenizer, modules, options_of(info), base_sources, _documents_from(base, "capability"),
-                          protect, info.get("capability"), progress, eigen_cache=str(directory))
-    if session.base_hash != info["base_weights_sha256"]:
-        raise LedgerError(_where(directory, "the base weights do not hash to the ledger's (another checkpoint?)"))
-    if chunk == 0:
-        return session
-    if chunk is None:
-        entry, where = info["current"], directory
-    else:
-        if str(chunk) not in info["snapshots"]:
-            raise LedgerError(_where(directory, f"no snapshot after chunk {chunk}"))
-        entry, where = info["snapshots"][str(chunk)], directory / SNAPSHOTS
-    restore_state(session, _load_tensors(where / entry["state"], directory), entry["state_meta"])
-    session.requests = read_requests(where / entry["requests"], directory)
-    done = len(info["chunks"]) if chunk is None else chunk
-    session.history = list(info["chunks"][:done])
-    if weights_hash({n: m.weight for n, m in modules.items()}) != entry["edited_weights_sha256"]:
-        raise LedgerError(_where(directory, f"{entry['state']} does not give the weights it recorded (corrupted?)"))
-    return session
+    info = read(directory)
+    if (directory / MANIFEST).exists() and (directory / DELTA_FILE).exists():
+        deltas, manifest = read_delta_files(directory)
+        if manifest.get("ledger_commit") == info["commit"] or (
+                info["format"] != FORMAT and manifest.get("edited_weights_sha256") == info["current"]["edited_weights_sha256"]):
+            return deltas, manifest
+    tensors = _load_tensors(directory, info["current"]["state"], info["current"].get("state_sha256"))
+    deltas = {k[len("delta."):]: v for k, v in tensors.items() if k.startswith("delta.")}
+    manifest = {"base_model": info["model"], "ledger": True, "ledger_commit": info["commit"], "chunks": len(info["chunks"]),
+                "options": info["options"], "modules": list(info["modules"]), "base_weights_sha256": info["base_weights_sha256"],
+                "edited_weights_sha256": info["current"]["edited_weights_sha256"],
+                "delta_dtype": str(next(iter(deltas.values())).dtype).removeprefix("torch."), "model_dtype": info["model_dtype"]}
+    return deltas, manifest
+
+
+def options_of(info: dict):
+    """The ``MethodOptions`` the ledger was made with."""
+    import dataclasses
+
+    from .options import MethodOptions
+
+    fields = {f.name for f in dataclasses.fields(MethodOptions)}
+    return MethodOptions(**{k: v for k, v in info["options"].items() if k in fields})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -425,46 +531,85 @@ def nearest_snapshot(info: dict, to: int) -> int:
     return max([0] + [int(k) for k in info["snapshots"] if int(k) <= to])
 
 
-def revert(directory: str | Path, to: int) -> dict:
-    """Make the state after chunk ``to`` the ledger's current one, from its snapshot. The chunks after
-    ``to`` leave the history but are kept under ``reverted`` in ``ledger.json``; nothing is removed
-    but state files no longer referenced. (Without a snapshot at ``to``, load the nearest earlier one,
-    re-edit, and ``save``: ``crispedit revert`` does that.)"""
-    directory = Path(directory)
-    info = _read_json(directory)
+def restorable(info: dict) -> list[int]:
+    """The chunks after the current one that ``revert --to`` can bring back: the kept states of the
+    last reverted branch, when the history is still where that revert left it."""
+    branch = _redo_branch(info)
+    if branch is None:
+        return []
+    return sorted({int(c) for c in [*branch.get("snapshots", {}), branch["to"] + len(branch["chunks"])]})
+
+
+def _redo_branch(info: dict) -> dict | None:
+    if not info.get("reverted"):
+        return None
+    b = info["reverted"][-1]
+    here = len(info["chunks"]) == b["to"] and b.get("head") is not None and (
+        b.get("at_sha256") is None or b["at_sha256"] == info["current"]["edited_weights_sha256"])
+    return b if here else None
+
+
+def revert(directory: str | Path, to: int, discard: bool = False) -> dict:
+    """Make the kept state after chunk ``to`` current, in one commit, without recomputation.
+
+    Back (``to`` below the current chunk): the state must be a snapshot; the chunks after ``to``
+    become a reverted branch whose states are kept, so that ``revert --to`` a later chunk brings
+    them back (``discard``: their files are removed, their records kept). Forward: ``to`` must be a
+    kept state of the last reverted branch (``restorable``). Without a snapshot at ``to``,
+    ``EditSession.replayed`` loads the nearest earlier one and edits the chunks again."""
+    directory = Path(directory).expanduser()
+    with WriterLock(directory):
+        info = _read_json(directory)
+        n = len(info["chunks"])
+        if to < 0:
+            raise LedgerError(f"--to {to}: the ledger {directory} has chunks 0..{n}")
+        if to > n:
+            return _redo(directory, info, to)
+        entry = entry_at(info, to, directory)
+        _load_tensors(directory, entry["state"], entry.get("state_sha256"))  # checked before it becomes current
+        _verified(directory, entry["requests"], entry.get("requests_sha256"))
+        after = {**info, "format": FORMAT, "commit": uuid.uuid4().hex, "chunks": info["chunks"][:to], "current": entry,
+                 "reverted": _unreachable(info.get("reverted", [])) + ([_branch(info, to, discard)] if to < n else []),
+                 "snapshots": {k: v for k, v in info["snapshots"].items() if int(k) <= to}}
+        return _commit_json(directory, after)
+
+
+def _redo(directory: Path, info: dict, to: int) -> dict:
     n = len(info["chunks"])
-    if not 0 <= to <= n:
-        raise LedgerError(f"--to {to}: the ledger {directory} has chunks 0..{n}")
-    entry = info["snapshots"].get(str(to))
-    if entry is None:
-        raise LedgerError(_where(directory, f"no snapshot after chunk {to}"))
-    for name in (entry["state"], entry["requests"]):
-        _commit_file(lambda tmp, name=name: shutil.copyfile(directory / SNAPSHOTS / name, tmp), directory / name)
-    after = {**info, "chunks": info["chunks"][:to], "current": entry,
-             "reverted": info.get("reverted", []) + ([{"to": to, "chunks": info["chunks"][to:]}] if to < n else []),
-             "snapshots": {k: v for k, v in info["snapshots"].items() if int(k) <= to}}
-    _save_text(json.dumps(after, indent=1, default=str) + "\n", directory / LEDGER)
-    tensors = _load_tensors(directory / entry["state"], directory)
-    deltas = {k[len("delta."):]: v for k, v in tensors.items() if k.startswith("delta.")}
-    manifest = {"version": __version__, "base_model": info["model"], "ledger": True, "chunks": to,
-                "options": info["options"], "modules": list(info["modules"]),
-                "base_weights_sha256": info["base_weights_sha256"],
-                "edited_weights_sha256": entry["edited_weights_sha256"],
-                "delta_dtype": str(next(iter(deltas.values())).dtype).removeprefix("torch."),
-                "model_dtype": info["model_dtype"]}
-    _commit_file(lambda tmp: write_delta_to(tmp, deltas), directory / DELTA_FILE)
+    branch = _redo_branch(info)
+    kept = restorable(info)
+    if to not in kept:
+        where = f"the reverted chunks with a kept state are {', '.join(map(str, kept))}" if kept else \
+            "no reverted chunk is kept (none was reverted, the revert discarded them, or chunks were edited since)"
+        raise LedgerError(f"--to {to}: the ledger {directory} has chunks 0..{n}; {where}")
+    head = branch["to"] + len(branch["chunks"])
+    entry = branch["head"] if to == head else branch["snapshots"][str(to)]
+    _load_tensors(directory, entry["state"], entry.get("state_sha256"))
+    rest = {"to": to, "chunks": branch["chunks"][to - n:], "head": branch["head"],
+            "snapshots": {c: e for c, e in branch["snapshots"].items() if int(c) > to},
+            "at_sha256": entry["edited_weights_sha256"]}
+    after = {**info, "format": FORMAT, "commit": uuid.uuid4().hex, "chunks": info["chunks"] + branch["chunks"][: to - n],
+             "current": entry, "reverted": info["reverted"][:-1] + ([rest] if to < head else []),
+             "snapshots": {**info["snapshots"], **{c: e for c, e in branch["snapshots"].items() if int(c) <= to}}}
+    return _commit_json(directory, after)
+
+
+def _commit_json(directory: Path, info: dict) -> dict:
+    """Commit a ``ledger.json`` that names files already written (a revert), then bring the derived
+    delta files up to date and remove what nothing names."""
+    _save_text(json.dumps(info, indent=1, default=str) + "\n", directory / LEDGER)
+    deltas, manifest = current_delta(directory)
+    _durable(lambda tmp: _write_delta_file(tmp, deltas), directory / DELTA_FILE)
     _save_text(json.dumps(manifest, indent=2, default=str) + "\n", directory / MANIFEST)
-    _remove_unreferenced(directory, after)
-    return after
+    _remove_unreferenced(directory, info)
+    return info
 
 
-def replace_history(directory: str | Path, session, to: int) -> dict:
-    """After a replay through chunk ``to``: the replayed state becomes current, the chunks after ``to``
-    move under ``reverted``, and snapshots after ``to`` are dropped."""
-    directory = Path(directory)
-    info = _read_json(directory)
-    kept = {**info, "reverted": info.get("reverted", []) + [{"to": to, "chunks": info["chunks"][to:]}],
-            "snapshots": {k: v for k, v in info["snapshots"].items() if int(k) <= to}}
-    _save_text(json.dumps(kept, indent=1, default=str) + "\n", directory / LEDGER)
-    save(session, directory, info["model"])
-    return _read_json(directory)
+@contextmanager
+def writer_lock(directory: str | Path):
+    """``with ledger.writer_lock(DIR) as lock:`` — hold the ledger for a whole command."""
+    lock = WriterLock(directory).acquire()
+    try:
+        yield lock
+    finally:
+        lock.release()

@@ -48,8 +48,13 @@ distinct tokens than ``d_in`` leaves ``C`` singular, and ``λC + KKᵀ`` too unl
 gap: the solve then refuses instead of returning noise. Scale of λ: for a key distributed like the
 corpus ``E[kᵀ C⁻¹ k] = tr(C⁻¹ C) = d_in``, and a lone request moves its key the fraction ``s/(1+s)``,
 ``s = kᵀ (λC)⁻¹ k ≈ d_in/λ``, of the way to its value (Sherman–Morrison): λ = 15,000 is matched to
-``d_in`` = 14,336 (LLaMA-3-8B) or 16,384 (GPT-J), and a small model needs λ of the order of its own
-``d_in``.
+``d_in`` = 14,336 (LLaMA-3-8B) or 16,384 (GPT-J). Scaling λ with ``d_in`` keeps ``d_in``/λ ≈ 1, a share
+near 1/2 per layer; whether that writes an edit depends on the model, so λ is chosen by measurement: the
+result reports, per request and matrix, ``s`` and the share ``H_jj`` of its own residual that the
+batched solve writes (``key_shares``). On stories260K (``d_in`` 172, blocks 1-2;
+``benchmarks/bench_memit_lambda.py``) subject keys give ``s`` ≈ 1.4-2.6 × ``d_in``/λ, and an edit
+that does not land at the width-scaled λ ≈ 180 (``s`` ≈ 1.8) lands from λ = 30 (``s`` ≈ 10, share 0.91);
+below that the share saturates while the drift keeps growing.
 
 AlphaEdit restricts the update to the null space of the preserved keys: ``U`` (``d_in × r``)
 holds the eigenvectors of ``C`` whose eigenvalues are below a threshold and ``P = U Uᵀ``. The paper
@@ -173,8 +178,36 @@ def memit_delta(R: Tensor, K: Tensor, C: Tensor, lam: float, what: str = "λC + 
 
     ``R``: ``[n, d_out]``, ``K``: ``[n, d_in]``, ``C``: ``[d_in, d_in]``; returns ``[d_out, d_in]`` in
     their common dtype."""
-    M = lam * C + K.T @ K
-    return R.T @ _spd_solve(M, K.T, what).T
+    return memit_solve(R, K, C, lam, what)[0]
+
+
+def memit_solve(R: Tensor, K: Tensor, C: Tensor, lam: float, what: str = "λC + KKᵀ") -> tuple[Tensor, Tensor]:
+    """``(ΔW, H)``: MEMIT's ``ΔW`` (``memit_delta``) and ``H = K (λC + KᵀK)⁻¹ Kᵀ`` (``[n, n]``), what
+    the update does to the keys: ``ΔW Kᵀ = Rᵀ H`` (see ``key_shares``). ``H`` reuses the solve of ``ΔW``."""
+    X = _spd_solve(lam * C + K.T @ K, K.T, what)  # (λC + KᵀK)⁻¹ Kᵀ, [d_in, n]
+    return R.T @ X.T, K @ X
+
+
+def key_shares(H: Tensor) -> tuple[Tensor, Tensor]:
+    """``(diag H, s)`` for ``H = K (A + KᵀK)⁻¹ Kᵀ`` of a solve whose update does ``ΔW Kᵀ = Rᵀ H``.
+
+    MEMIT: ``A = λC``. AlphaEdit: ``K → KU``, ``A = Uᵀ S_p U + L2 · I`` (alone and without earlier edits
+    ``s = ‖Uᵀk‖² / L2``: L2 is absolute, like λ).
+
+    ``H_jj`` is the share of request ``j``'s own residual that the update writes at its key
+    (``ΔW k_j = Σ_i H_ij r_i``; the off-diagonal ``H_ij`` is what the other requests' residuals add).
+    ``s_j = k_jᵀ A⁻¹ k_j`` is what request ``j`` sees alone, where Sherman–Morrison gives the share
+    ``s/(1+s)``. Both come from ``H``: with ``S = K A⁻¹ Kᵀ``, Woodbury gives ``H = S (I + S)⁻¹``, so
+    ``S = H (I − H)⁻¹`` and ``s_j = Σ_m V_jm² η_m / (1 − η_m)`` over the eigenpairs ``(η_m, V_·m)`` of
+    ``H`` (``n × n``; no second ``d_in``-sized solve). Rounding: ``s`` carries a relative error of
+    about ``eps · (1 + s)`` (``1 − η`` is a subtraction); ``η = 1``, a key direction ``A`` does not
+    penalise (``C`` singular there, or ``L2 = 0``), reads ``s ≈ 1/eps`` instead of ``∞``.
+
+    Against the width: ``E[kᵀ C⁻¹ k] = d_in`` for a key distributed like the corpus, so MEMIT's
+    ``s ≈ d_in / λ`` for such a key (measured on stories260K's subject keys: 1.4-2.6 × d_in / λ)."""
+    eta, V = torch.linalg.eigh(0.5 * (H + H.T))
+    gap = (1 - eta).clamp_min(torch.finfo(H.dtype).eps)
+    return torch.diagonal(H).clone(), V**2 @ (eta / gap)
 
 
 def nullspace_basis(C: Tensor, threshold: float, relative: bool = False, what: str = "C") -> Tensor:
@@ -196,18 +229,26 @@ def nullspace_basis(C: Tensor, threshold: float, relative: bool = False, what: s
 
 def alphaedit_delta(R: Tensor, K: Tensor, U: Tensor, preserved: Tensor | None, L2: float,
                     what: str = "AlphaEdit system") -> Tensor:
+    """AlphaEdit's ``ΔW``; see ``alphaedit_solve``."""
+    return alphaedit_solve(R, K, U, preserved, L2, what)[0]
+
+
+def alphaedit_solve(R: Tensor, K: Tensor, U: Tensor, preserved: Tensor | None, L2: float,
+                    what: str = "AlphaEdit system") -> tuple[Tensor, Tensor]:
     """AlphaEdit: ``ΔW = Rᵀ K U (Uᵀ (Kᵀ K + S_p) U + L2 · I)⁻¹ Uᵀ`` (rows as requests), the minimiser
     over ``ΔW = ΔW U Uᵀ`` of ``‖ΔW Kᵀ − Rᵀ‖² + L2 ‖ΔW‖² + tr(ΔW S_p ΔWᵀ)``, ``S_p = K_pᵀ K_p``
     (``preserved``: the summed ``k kᵀ`` of earlier edits, or None). Equal to the paper's
     ``R K₁ᵀ P (K_p K_pᵀ P + K₁ K₁ᵀ P + L2·I)⁻¹`` with ``P = U Uᵀ`` (see the module docstring).
 
-    ``R``: ``[n, d_out]``, ``K``: ``[n, d_in]``, ``U``: ``[d_in, r]``; returns ``[d_out, d_in]``."""
+    ``R``: ``[n, d_out]``, ``K``: ``[n, d_in]``, ``U``: ``[d_in, r]``; returns ``(ΔW, H)``: ``ΔW``
+    ``[d_out, d_in]`` and ``H = KU (Uᵀ (KᵀK + S_p) U + L2 · I)⁻¹ (KU)ᵀ`` (``[n, n]``), with
+    ``ΔW Kᵀ = Rᵀ H`` as for MEMIT (see ``key_shares``)."""
     KU = K @ U
     M = KU.T @ KU + L2 * torch.eye(U.shape[1], dtype=U.dtype, device=U.device)
     if preserved is not None:
         M = M + U.T @ preserved @ U
-    B = R.T @ _spd_solve(M, KU.T, what).T  # [d_out, r]
-    return B @ U.T
+    X = _spd_solve(M, KU.T, what)  # [r, n]
+    return (R.T @ X.T) @ U.T, KU @ X
 
 
 # ---------------------------------------------------------------------------------------------
@@ -507,8 +548,11 @@ class ClosedFormResult:
     preserved: dict[str, Tensor] | None  # AlphaEdit: Σ k kᵀ of earlier and these edits' keys, for the next chunk
     null_bases: dict[str, Tensor] | None  # AlphaEdit: U per matrix (pass back to skip the eigendecompositions)
     targets: Targets
-    layers: dict[str, dict]  # per matrix: residual before its update, relative change, null-space dimension
+    layers: dict[str, dict]  # per matrix: residual before its update, relative change, null-space dimension,
+    # mean key share and median s (below)
     residual_after: float  # mean ‖z − h‖ at the last edited block after every update
+    key_shares: dict[str, list[float]]  # per matrix and request: H_jj, the share of its own residual written
+    s_single: dict[str, list[float]]  # per matrix and request: s = kᵀ A⁻¹ k (MEMIT A = λC); alone it writes s/(1+s)
     prefixes: list[list[str]]
     seconds: float
     seconds_targets: float
@@ -615,7 +659,7 @@ def apply_closed_form(
             h = subject_hidden(model, tokenizer, block, requests, cfg.batch_size)
             _check_targets(targets, h)
         seconds_targets = time.perf_counter() - t0
-        deltas, layers = {}, {}
+        deltas, layers, shares, singles = {}, {}, {}, {}
         for i, (name, m, _) in enumerate(tqdm(ordered, unit="layer", desc=method, disable=not progress)):
             dev = m.weight.device
             K = compute_keys(model, tokenizer, m, requests, prefixes, cfg.batch_size).to(dev, sdt)
@@ -624,12 +668,14 @@ def apply_closed_form(
             R = ((targets.z - h) / (len(ordered) - i)).to(dev, sdt)
             with full_precision():  # no TF32 in the solves
                 if method == "memit":
-                    D = memit_delta(R, K, C[name].to(dev, sdt), cfg.mom2_update_weight, f"{name}: λC + KKᵀ")
+                    D, H = memit_solve(R, K, C[name].to(dev, sdt), cfg.mom2_update_weight, f"{name}: λC + KKᵀ")
                 else:
                     U = bases[name].to(dev, sdt)
                     S = preserved[name].to(dev, sdt) if preserved is not None and name in preserved else None
-                    D = alphaedit_delta(R, K, U, S, cfg.L2, f"{name}: AlphaEdit system")
+                    D, H = alphaedit_solve(R, K, U, S, cfg.L2, f"{name}: AlphaEdit system")
                     kept[name] = (K.T @ K) if S is None else S + K.T @ K
+                share, s_one = key_shares(H)
+            shares[name], singles[name] = share.tolist(), s_one.tolist()
             with torch.no_grad():
                 w = m.weight
                 old = w.detach().to(torch.float64, copy=True)
@@ -638,7 +684,8 @@ def apply_closed_form(
                 deltas[name] = w.detach().to(torch.float64) - old
             layers[name] = {"residual": float((targets.z - h).norm(dim=1).mean()),
                             "relative_change": float(deltas[name].norm() / old.norm()),
-                            "null_dim": None if bases is None else int(bases[name].shape[1])}
+                            "null_dim": None if bases is None else int(bases[name].shape[1]),
+                            "key_share_mean": float(share.mean()), "s_median": float(s_one.median())}
         after = subject_hidden(model, tokenizer, block, requests, cfg.batch_size)
     return ClosedFormResult(deltas, kept, bases, targets, layers, float((targets.z - after).norm(dim=1).mean()),
-                            prefixes, time.perf_counter() - start, seconds_targets)
+                            shares, singles, prefixes, time.perf_counter() - start, seconds_targets)

@@ -52,6 +52,13 @@ def _check_name(name: str, option: str) -> bool:
     return local
 
 
+def model_reference(name: str) -> str:
+    """How a ledger records ``--model``: a local directory as its absolute path (so the ledger can be
+    resumed from anywhere), anything else as given (a hub id; its revision is recorded beside it)."""
+    path = Path(name).expanduser()
+    return str(path.resolve()) if path.exists() else name
+
+
 TRANSFORMERS_MIN = (4, 56)  # the first release whose from_pretrained takes dtype= (torch_dtype= before)
 
 
@@ -78,20 +85,52 @@ def _from_pretrained(loader, name: str, option: str, what: str):
         return loader.from_pretrained(name)
     except (OSError, ValueError) as e:
         where = "the local directory" if local else "the hub (no network, or no such model?)"
-        raise ModelError(f"{option} {name}: could not {what} from {where}: {str(e).splitlines()[0]}") from None
+        raise ModelError(f"{option} {name}: could not {what} from {where}: {one_line(e)}") from None
+
+
+def one_line(e: Exception) -> str:
+    """An exception's message on one line: its first line, and the lines after it when that ends in a colon."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+    return " ".join(lines) if lines[0].endswith(":") else lines[0]
 
 
 def load_config(name: str, option: str = "--model"):
     """The model's configuration only (no weights): for checks before loading."""
     from transformers import AutoConfig
 
-    return _from_pretrained(AutoConfig, name, option, "read its configuration")
+    config = _from_pretrained(AutoConfig, name, option, "read its configuration")
+    check_sizes(config, f"{option} {name.rstrip('/')}/config.json")
+    return config
+
+
+# widths and counts a configuration may hold (LLaMA names, then GPT-2's and OPT's): torch fails deep inside
+# building the model when one is zero or negative
+SIZES = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+         "head_dim", "vocab_size", "max_position_embeddings", "n_embd", "n_layer", "n_head", "n_inner", "n_positions",
+         "ffn_dim", "d_model")
+
+
+def check_sizes(config, where: str) -> None:
+    """Every size the configuration gives (``SIZES``) is a positive whole number; ``where`` names its source."""
+    for key in SIZES:
+        value = getattr(config, key, None)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+            raise ModelError(f"{where}: {key} is {value!r}; it must be a positive whole number")
+
+
+# the files a tokenizer is saved as (fast: tokenizer.json; SentencePiece; BPE; WordPiece; tiktoken)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "merges.txt", "vocab.txt",
+                   "tokenizer.tiktoken")
 
 
 def load_tokenizer(name: str, option: str = "--model"):
-    """The model's tokenizer only."""
+    """The model's tokenizer only; a local directory without tokenizer files is named as such."""
     from transformers import AutoTokenizer
 
+    path = Path(name).expanduser()
+    if path.is_dir() and not any((path / f).exists() for f in TOKENIZER_FILES):
+        raise ModelError(f"{option} {name}: no tokenizer there (none of {', '.join(TOKENIZER_FILES)}); save the "
+                         "tokenizer beside the model (tokenizer.save_pretrained)")
     return _from_pretrained(AutoTokenizer, name, option, "load the tokenizer")
 
 
@@ -202,7 +241,7 @@ def load_model(name: str, device: str = "auto", dtype: str = "float32", option: 
     except (OSError, ValueError) as e:
         where = "the local directory" if local else "the hub (no network, or no such model?)"
         with_map = "" if placement is None else f" with --device-map {device_map}"
-        raise ModelError(f"{option} {name}: could not load from {where}{with_map}: {str(e).splitlines()[0]}") from None
+        raise ModelError(f"{option} {name}: could not load from {where}{with_map}: {one_line(e)}") from None
     if isinstance(placement, dict):
         _check_map_names(model, placement)
     if tokenizer is None:

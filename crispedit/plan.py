@@ -22,17 +22,27 @@ the CUDA context, cuBLAS workspaces and the allocator's fragmentation come on to
 Flops per optimiser step: ``6 · parameters · tokens`` for the forward and backward of a mini-batch
 (the usual count; with frozen weights the backward is cheaper, see ``frozen_backward``) plus the
 projection of every edited gradient (``projector.projection_flops``), with the removed ranks
-``r_A``, ``r_G`` estimated from gamma (``REMOVED_FRACTIONS``). The ledger: what
-``ledger.save`` writes (``base.safetensors`` once, a state file per chunk, optional snapshots).
+``r_A``, ``r_G`` estimated from gamma (``REMOVED_FRACTIONS``). With ``chunk_size``, steps and the
+edits' statistics pass are per chunk. With ``budget`` (``--budget``) the capability budget too, counted from
+what ``budget.py`` multiplies and keeps (``budget_flops``: while it holds, a step that cuts, the worst mean
+over ``EXACT_EVERY`` steps; ``budget_memory``: its anchor and ``H₀`` in the state, its scratch in the step).
+
+The ledger (``ledger_files``): every file a ledger holds after ``k`` chunks of a CrispEdit history
+(``edit --ledger`` with ``--curvature``), by kind: the base tensors, the capability eigendecompositions
+``edit`` caches in the ledger directory, the state and request files kept (the current one and, at the
+automatic choice of ``ledger.SNAPSHOT_AUTO_BYTES``, one per chunk from chunk 0), the delta, and the JSON.
+Tensor files are counted exactly (safetensors' header included, ``safetensors_bytes``); the JSON text is
+estimated (``LEDGER_JSON``, ``ASSUMED["request_line_bytes"]``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
 
-from .model import ModelError, load_config, resolve_dtype
+from .model import ModelError, check_sizes, load_config, one_line, resolve_dtype
 
 # Lengths the plan assumes (tokens after the tokenizer, BOS included).
 ASSUMED = {
@@ -48,8 +58,22 @@ ASSUMED = {
     "new_tokens": 50,  # evaluate.MAX_NEW_TOKENS
     "drift_documents": 8,  # documents per forward pass of text_drift
     "epochs": 25,  # the most epochs of a chunk (MethodOptions.epochs)
-    "corpus_documents": 100,  # capability documents whose token ids a ledger keeps (--max-documents)
+    # capability documents whose token ids a ledger keeps: none with edit --curvature (what the plan counts);
+    # edit --corpus keeps its --max-documents documents (100), up to --max-length tokens each (512)
+    "corpus_documents": 0,
+    "corpus_tokens": 0,
+    # a line of requests-K.jsonl: 316 bytes on average over the first 3,000 records of counterfact-edit-8k
+    # (prompt, target, subject, true answer, one rephrase, one neighbour, case id)
+    "request_line_bytes": 316,
 }
+
+# The JSON text of a ledger, estimated (bytes; fitted on ledgers of 1 and 2 modules, 2 and 4 chunks, of the tiny
+# test LLaMA, with evaluation): ledger.json is a fixed part (identity, the statistics' metadata) plus the method
+# options, per chunk record (steps, losses, times, the evaluation; its drift per module) and per state entry (the
+# current state and every snapshot: file names, hashes, the optimiser's steps per module). Module names count on
+# top, once per part that names them. manifest.json: a fixed part, the options and the module names.
+LEDGER_JSON = {"fixed": 2080, "chunk": 1250, "chunk_per_module": 160, "entry": 600, "entry_per_module": 16}
+MANIFEST_JSON = {"fixed": 490, "per_module": 8}
 
 # r_A / d_in and r_G / d_out (the corner of removed coordinates) per gamma, measured on the
 # stories260K and demo models' statistics (benchmarks/results/projection.json, "fractions"); the
@@ -76,9 +100,11 @@ def read_config(model: str):
 
         try:
             data = json.loads(path.read_text())
-            return AutoConfig.for_model(data.pop("model_type"), **data)
-        except (OSError, ValueError, KeyError) as e:
+            config = AutoConfig.for_model(data.pop("model_type"), **data)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise ModelError(f"--model {model}: not a model configuration ({e})") from None
+        check_sizes(config, f"--model {model}")
+        return config
     return load_config(model)
 
 
@@ -158,12 +184,15 @@ def _phase(state: int, moments: dict[str, dict[str, int]], note: str) -> dict:
     return {"state": state, "moments": ms, "worst": worst, "peak": state + ms[worst]["bytes"], "note": note}
 
 
-def plan(model: str, layers: str = "auto", module: str | None = None, dtype: str = "bfloat16", requests: int = 3000,
-         gamma: float = 0.8, *, device: str = "cuda", assumed: dict | None = None) -> dict:
+def plan(model: str, layers: str = "auto", module: str | None = None, dtype: str = "float32", requests: int = 3000,
+         gamma: float = 0.8, *, chunk_size: int | None = None, device: str = "cuda", assumed: dict | None = None,
+         budget: float | None = None) -> dict:
     """Memory per part and per phase, flops per optimiser step and ledger sizes of editing ``model``
-    (see the module docstring). ``device``: ``cuda`` (foreach Adam, host memory apart) or ``cpu``
-    (one-tensor-at-a-time Adam; host and device are the same memory). ``assumed`` overrides
-    entries of ``ASSUMED``. Bytes throughout; nothing is downloaded but a hub id's configuration."""
+    (see the module docstring); ``chunk_size``: requests per chunk (None: one batch). ``device``:
+    ``cuda`` (foreach Adam, host memory apart) or ``cpu`` (one-tensor-at-a-time Adam; host and device
+    are the same memory). ``assumed`` overrides entries of ``ASSUMED``. ``budget`` (``--budget``, nats per
+    token): count the capability budget's flops and memory too (``budget.budget_flops``, ``budget_memory``).
+    Bytes throughout; nothing is downloaded but a hub id's configuration."""
     import torch
 
     from .curvature import SLICE_POSITIONS
@@ -179,7 +208,10 @@ def plan(model: str, layers: str = "auto", module: str | None = None, dtype: str
         raise ModelError(f"--gamma must lie in [0, 1), got {gamma}")
     config = read_config(model)
     torch_dtype = resolve_dtype(dtype)
-    net = meta_model(config, torch_dtype)
+    try:
+        net = meta_model(config, torch_dtype)
+    except Exception as e:  # transformers and torch raise their own types for a configuration they cannot build
+        raise ModelError(f"--model {model}: cannot build the model from its configuration ({one_line(e)})") from None
     modules = find_modules(net, parse_layers(layers), module)
     shapes = {n: weight_shape(m) for n, m in modules.items()}
     d = _dims(config, net)
@@ -204,6 +236,12 @@ def plan(model: str, layers: str = "auto", module: str | None = None, dtype: str
         "adam_moments": 2 * W * m,  # exp_avg, exp_avg_sq in the masters' dtype
         "base_copy": W * b,  # session.base (the evaluation's base weights are the same tensors)
     }
+    budget_bytes = None
+    if budget is not None:  # --budget: its anchor, H₀ and their views, kept between steps (budget.budget_memory)
+        from .budget import budget_memory
+
+        budget_bytes = budget_memory(list(shapes.values()), b, m, m)
+        state["budget"] = budget_bytes["anchor"] + budget_bytes["H"] + budget_bytes["views"]
     state_bytes = sum(state.values())
 
     # --- activations autograd saves, per token (estimate: a LLaMA-style block)
@@ -255,6 +293,10 @@ def plan(model: str, layers: str = "auto", module: str | None = None, dtype: str
         "projection": {"master_gradients": W * m, "projection_scratch": 3 * biggest * m,
                        "gradient_factors": gradient_factors},
         "adam_step": {"master_gradients": W * m, "adam_scratch": adam_scratch, "gradient_factors": gradient_factors},
+        # --budget after Adam's step (the master gradients are released after it): an exact step at its worst
+        **({"budget_step": {"master_gradients": W * m, "gradient_factors": gradient_factors,
+                            "budget_scratch": max(budget_bytes["exact_step"], budget_bytes["cut_step"])}}
+           if budget_bytes else {}),
     }, f"{a['batch_size']} requests × {a['edit_tokens']} tokens per mini-batch")
 
     # --- the drift report after the edit (session.drift: one matrix at a time, in the eigenvectors' dtype)
@@ -311,7 +353,9 @@ def plan(model: str, layers: str = "auto", module: str | None = None, dtype: str
         on = k >= first if k is not None else (id(p) not in embeddings or (output is not None and p is output.weight))
         path_params += p.numel() if on else 0
     fb = 6 * params * Ne
-    steps_per_epoch = math.ceil(requests / a["batch_size"])
+    chunk = min(chunk_size or requests, requests)
+    chunk_sizes = [min(chunk, requests - c) for c in range(0, requests, chunk)]
+    steps_per_epoch = math.ceil(chunk / a["batch_size"])
     flops = {
         "tokens_per_step": Ne,
         "forward_backward": fb,
@@ -321,26 +365,44 @@ def plan(model: str, layers: str = "auto", module: str | None = None, dtype: str
         "projection_per_matrix": proj,
         "removed_fractions": {"r_A/d_in": fr_A, "r_G/d_out": fr_G, "estimate": True},
         "per_step": fb + sum(p["flops"] for p in proj.values()),
-        "steps_per_epoch": steps_per_epoch,
-        "max_steps": steps_per_epoch * a["epochs"],
+        "chunks": len(chunk_sizes), "chunk_size": chunk,
+        "steps_per_epoch": steps_per_epoch,  # of a chunk (of the batch without chunk_size)
+        "max_steps": sum(math.ceil(c / a["batch_size"]) for c in chunk_sizes) * a["epochs"],
+        # after every chunk but the last: the edits' statistics (one forward and backward of its edit texts)
+        "statistics_per_chunk": 6 * params * chunk * a["edit_tokens"] if len(chunk_sizes) > 1 else 0,
     }
+    if budget is not None:  # --budget: counted from what budget.py multiplies (budget.budget_flops)
+        from .budget import EXACT_EVERY, budget_flops
+
+        per = {n: budget_flops(o, i, rounds=b < 4) for n, (o, i) in shapes.items()}
+        worst = sum(f["worst"] for f in per.values())
+        flops["budget"] = {"eps": budget, "worst": worst, "certified": sum(f["certified"] for f in per.values()),
+                           "exact_step": sum(f["exact"] for f in per.values()), "exact_every": EXACT_EVERY,
+                           "rounded_weights": b < 4, "worst_over_forward_backward": worst / fb, "per_matrix": per}
+        flops["per_step_with_budget"] = flops["per_step"] + worst
 
     # --- the ledger on disk
     from .ledger import SNAPSHOT_AUTO_BYTES, state_file_bytes
 
     state_file = state_file_bytes(shapes.values(), torch_dtype)
+    one = ledger_files(model, shapes, dtype, chunk_sizes[:1], a)
+    every = ledger_files(model, shapes, dtype, chunk_sizes, a)
     ledger = {
-        "base": {"capability_sums": sums, "corpus_ids": a["corpus_documents"] * a["document_tokens"] * 8},
+        "base": {"capability_sums": sums, "corpus_ids": (a["corpus_tokens"] + a["corpus_documents"]) * 8},
+        "corpus_ids_with_corpus": (100 * 512 + 100) * 8,  # edit --corpus: up to 100 documents of 512 tokens
         "per_chunk_state": state_file,
         "delta_file": W * bd,
+        "eigendecompositions": one["eigendecompositions"],
         "snapshot_per_chunk": sum(state_file.values()),
         "snapshots_by_default": sum(state_file.values()) < SNAPSHOT_AUTO_BYTES,
+        "files_one_chunk": one, "total_one_chunk": sum(one.values()),
+        "chunks": len(chunk_sizes), "files_all_chunks": every, "total_all_chunks": sum(every.values()),
     }
-    ledger["total_one_chunk"] = sum(ledger["base"].values()) + sum(state_file.values()) + ledger["delta_file"]
 
     return {
         "model": model, "model_type": config.model_type, "dtype": dtype, "device": device, "parameters": params,
         "dims": d, "modules": {n: list(s) for n, s in shapes.items()}, "requests": requests, "gamma": gamma,
+        "chunk_size": chunk_size,
         "assumed": a, "slice_positions": {"statistics": SLICE_POSITIONS, "text_drift": DRIFT_POSITIONS},
         "memory": {
             "model_weights": model_bytes,
@@ -356,6 +418,101 @@ def plan(model: str, layers: str = "auto", module: str | None = None, dtype: str
         "flops": flops,
         "ledger": ledger,
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# the ledger's files
+
+# safetensors' dtype codes and element sizes, in the order its writer lays the tensors out (then by name)
+SAFETENSORS_DTYPES = {"int64": ("I64", 8), "float64": ("F64", 8), "float32": ("F32", 4), "int32": ("I32", 4),
+                      "bfloat16": ("BF16", 2), "float16": ("F16", 2)}
+
+
+def safetensors_bytes(tensors: dict[str, tuple[str, tuple[int, ...]]], metadata: dict[str, str] | None = None) -> int:
+    """The size of a safetensors file of ``tensors`` (name -> (dtype name, shape)) and ``metadata``:
+    8 bytes of header length, the JSON header padded with spaces to a multiple of 8, the data."""
+    order = list(SAFETENSORS_DTYPES)
+    header, at = ({"__metadata__": metadata} if metadata else {}), 0
+    for name, (dtype, shape) in sorted(tensors.items(), key=lambda kv: (order.index(kv[1][0]), kv[0])):
+        code, size = SAFETENSORS_DTYPES[dtype]
+        header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [at, at + size * math.prod(shape)]}
+        at += size * math.prod(shape)
+    n = len(json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode())
+    return 8 + n + (-n % 8) + at
+
+
+def _state_tensors(shapes: dict[str, tuple[int, int]], dtype: str, started: bool) -> dict:
+    """The tensors of a CrispEdit ledger's state file (see ``ledger.state_file_bytes``): ΔW, the weights
+    of a float64 model, float32 masters of a bf16/fp16 model; once a chunk is edited, the edits' sums and
+    Adam's moments."""
+    m, dd = _dtype_names(dtype)
+    out = {}
+    for n, (o, i) in shapes.items():
+        out[f"delta.{n}"] = (dd, (o, i))
+        if dd == dtype:
+            out[f"weights.{n}"] = (dtype, (o, i))
+        if m != dtype:
+            out[f"opt.{n}.master"] = (m, (o, i))
+        if started:
+            out.update({f"sums.edits.{n}.A": ("float32", (i, i)), f"sums.edits.{n}.G": ("float32", (o, o)),
+                        f"opt.{n}.exp_avg": (m, (o, i)), f"opt.{n}.exp_avg_sq": (m, (o, i))})
+    return out
+
+
+def ledger_files(model: str, shapes: dict[str, tuple[int, int]], dtype: str, chunk_sizes: list[int],
+                 assumed: dict | None = None) -> dict[str, int]:
+    """Bytes per kind of file of a CrispEdit ledger after ``len(chunk_sizes)`` chunks of those sizes
+    (see the module docstring): ``shapes`` ``(d_out, d_in)`` per edited matrix, ``dtype`` the model's."""
+    import torch
+
+    from .ledger import SNAPSHOT_AUTO_BYTES, state_file_bytes
+    from .options import MethodOptions
+    from .projector import EIGH_FLOAT64_MAX_DIM
+
+    a = {**ASSUMED, **(assumed or {})}
+    k, names = len(chunk_sizes), list(shapes)
+    base = {f"sums.capability.{n}.{f}": ("float32", (s, s)) for n, (o, i) in shapes.items() for f, s in (("A", i), ("G", o))}
+    base.update({"documents.capability.ids": ("int64", (a["corpus_tokens"],)),
+                 "documents.capability.lengths": ("int64", (a["corpus_documents"],))})
+    from .editor import master_dtype
+
+    # one cache file per factor: eigenvalues in eigh's dtype (float64 up to EIGH_FLOAT64_MAX_DIM rows, float32
+    # above), eigenvectors in the masters' dtype (float32; float64 for a float64 model), as the session uses them
+    vec = str(master_dtype(getattr(torch, dtype))).removeprefix("torch.")
+    eigen = 0
+    for n in (s for o, i in shapes.values() for s in (i, o)):
+        e = "float64" if n <= EIGH_FLOAT64_MAX_DIM else "float32"
+        eigen += safetensors_bytes({"values": (e, (n,)), "vectors": (vec, (n, n))})
+    snapshot = sum(state_file_bytes(shapes.values(), getattr(torch, dtype)).values()) < SNAPSHOT_AUTO_BYTES
+    kept = sorted({k, *(range(k + 1) if snapshot else ())})  # the current state and every snapshot
+    edited = [sum(chunk_sizes[:j]) for j in range(k + 1)]
+    options = len(json.dumps(dataclasses.asdict(MethodOptions()), indent=1))
+    name_bytes = sum(len(n) for n in names)
+    M = len(names)
+    return {
+        "base": safetensors_bytes(base),
+        "eigendecompositions": eigen,
+        "states": sum(safetensors_bytes(_state_tensors(shapes, dtype, j > 0)) for j in kept),
+        "requests": sum(edited[j] * a["request_line_bytes"] for j in kept),
+        "delta": safetensors_bytes({n: (_dtype_names(dtype)[1], s) for n, s in shapes.items()},
+                                   {"crispedit": json.dumps({"modules": names})}),
+        "manifest": MANIFEST_JSON["fixed"] + len(model) + options + M * MANIFEST_JSON["per_module"] + name_bytes,
+        # the model id: its own entry and twice in the statistics' metadata; the current state is an entry of its own
+        "ledger_json": LEDGER_JSON["fixed"] + 3 * len(model) + options + 2 * name_bytes
+        + k * (LEDGER_JSON["chunk"] + M * LEDGER_JSON["chunk_per_module"] + name_bytes)
+        + (len(kept) + 1) * (LEDGER_JSON["entry"] + M * LEDGER_JSON["entry_per_module"] + name_bytes),
+    }
+
+
+def _dtype_names(dtype: str) -> tuple[str, str]:
+    """The masters' and ΔW's dtype names of a model in ``dtype``."""
+    import torch
+
+    from .editor import master_dtype
+    from .saving import delta_dtype
+
+    name = lambda dt: str(dt).removeprefix("torch.")  # noqa: E731
+    return name(master_dtype(getattr(torch, dtype))), name(delta_dtype(getattr(torch, dtype)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -408,13 +565,29 @@ def print_plan(result: dict) -> None:
     print(f"  projection (estimate: r_A/d_in {fr['r_A/d_in']:.2f}, r_G/d_out {fr['r_G/d_out']:.2f} at gamma "
           f"{r['gamma']:g})  {f['projection']:.3e}")
     print(f"  per step                                  {f['per_step']:.3e}")
-    print(f"  {r['requests']} requests: {f['steps_per_epoch']} steps per epoch, at most {f['max_steps']} steps")
+    if "budget" in f:
+        bf = f["budget"]
+        print(f"  capability budget (--budget {bf['eps']:g}), worst {bf['worst']:.3e} "
+              f"({bf['worst_over_forward_backward']:.1%} of the forward + backward): a cut every step"
+              f"{' with its rounding checks' if bf['rounded_weights'] else ''} and an exact step "
+              f"({bf['exact_step']:.3e}) every {bf['exact_every']}; {bf['certified']:.3e} while it holds")
+        print(f"  per step with the budget                  {f['per_step_with_budget']:.3e}")
+    chunks = f"{f['chunks']} chunks of {f['chunk_size']}" if f["chunks"] > 1 else "one batch"
+    print(f"  {r['requests']} requests, {chunks}: {f['steps_per_epoch']} steps per epoch, at most {f['max_steps']} steps")
+    if f["statistics_per_chunk"]:
+        print(f"  the edits' statistics after each chunk    {f['statistics_per_chunk']:.3e}")
     lg = r["ledger"]
-    print(f"\nledger on disk, {unit}")
-    print(f"  base.safetensors (once): {listed(lg['base'])}")
+    print(f"\nledger on disk (edit --ledger with --curvature, CrispEdit), {unit}")
+    print(f"  base tensors (once):     {listed(lg['base'])} (edit --corpus adds up to "
+          f"{lg['corpus_ids_with_corpus'] / 1e6:.2f} MB of its documents' token ids)")
+    print(f"  eigendecompositions:     {lg['eigendecompositions'] / scale:.3f} (the capability factors' eigh, cached once)")
     print(f"  state per chunk:         {listed(lg['per_chunk_state'])}")
     print(f"  delta.safetensors:       {lg['delta_file'] / scale:.3f}")
     kept = ("kept every chunk by default" if lg["snapshots_by_default"]
             else "none by default (over 256 MiB): --snapshot-every K")
-    print(f"  snapshot per chunk:      {lg['snapshot_per_chunk'] / scale:.3f} ({kept})")
-    print(f"  after one chunk:         {lg['total_one_chunk'] / scale:.3f}")
+    print(f"  snapshot per chunk:      {lg['snapshot_per_chunk'] / scale:.3f} (a state file; {kept})")
+    for what, files, total in (("after one chunk", lg["files_one_chunk"], lg["total_one_chunk"]),
+                               (f"after {lg['chunks']} chunks", lg["files_all_chunks"], lg["total_all_chunks"])):
+        print(f"  {what + ':':<24} {total / scale:.3f} ({listed(files)})")
+        if lg["chunks"] == 1:
+            break

@@ -17,6 +17,7 @@ the field, before anything is edited.
 from __future__ import annotations
 
 import difflib
+import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -60,6 +61,18 @@ class EditRequest:
         d = asdict(self)
         d["locality"] = [{"prompt": p, "answer": a} for p, a in self.locality]
         return d
+
+    def identity(self) -> str:
+        """What makes two requests the same edit: SHA-256 (16 hex digits) of the prompt, the target
+        and the subject with their whitespace normalised. Scoring fields (rephrases, locality, the
+        true answer, the case id) are not part of it."""
+        key = json.dumps([normalised(self.prompt), normalised(self.target_new), normalised(self.subject or "")])
+        return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def normalised(text: str) -> str:
+    """``text`` with runs of whitespace made one space and the ends stripped."""
+    return " ".join(text.split())
 
 
 def edit_text(prompt: str, target: str) -> str:

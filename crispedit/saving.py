@@ -294,7 +294,17 @@ def deltas_from(modules: dict[str, nn.Module], base_weights: dict[str, Tensor]) 
 
 
 def read_delta(path: str | Path) -> tuple[dict[str, Tensor], dict]:
+    """ΔW and its manifest from an edit's directory, or a ledger's current state (``ledger.current_delta``)."""
     path = Path(path)
+    if (path / "ledger.json").exists():
+        from .ledger import current_delta
+
+        return current_delta(path)
+    return read_delta_files(path)
+
+
+def read_delta_files(path: Path) -> tuple[dict[str, Tensor], dict]:
+    """``delta.safetensors`` and ``manifest.json`` of a directory, checked against each other."""
     if not (path / DELTA_FILE).exists() or not (path / MANIFEST).exists():
         raise SaveError(f"--delta {path}: no {DELTA_FILE} and {MANIFEST} there (written by `crispedit edit`)")
     try:

@@ -39,6 +39,7 @@ is spent and the session refuses further chunks.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import random
@@ -51,22 +52,25 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
+from . import __version__, ledger
 from .budget import BudgetError, CapabilityBudget
 from .curvature import KFACStatistics, collect
 from .editor import (EditOptimizer, KeepAll, build_projectors, check_finite, drift_report, eigenbases, master_dtype,
                      run_epochs)
 from .layers import is_conv1d
+from .ledger import LedgerError
 from .options import CLOSED_FORM_METHODS, MethodOptions
 from .projector import Eigen, KroneckerProjector
-from .requests import EditRequest, edit_text
+from .requests import EditRequest, edit_text, normalised
 from .running import check_resident, swapped_weights
-from .saving import delta_dtype, weights_hash
+from .saving import delta_dtype, edit_manifest, shifted, weights_hash
 
 if TYPE_CHECKING:
     from .memit import Targets
 
 CAPABILITY = "capability"
 EDITS = "edits"
+CHUNK_SETTINGS = ("lr", "epochs", "batch_size", "loss_threshold", "budget")  # may change between chunks; each records its own
 
 
 class SessionError(ValueError):
@@ -127,10 +131,46 @@ def chunk_seed(seed: int, index: int) -> int:
     return seed + 7919 * index
 
 
+def ledger_state_bytes(session: "EditSession") -> int:
+    """What one state file of ``session``'s ledger takes once the history is under way (at the start
+    the optimiser state and the edits' sums do not exist yet): ``ledger.state_file_bytes``."""
+    o = session.options
+    shapes = [tuple(m.weight.shape) for m in session.modules.values()]
+    dtype = next(iter(session.modules.values())).weight.dtype
+    keeps_sums = o.method in ("crispedit", "nullspace") and o.protect_edits == "merge"
+    return sum(ledger.state_file_bytes(shapes, dtype, session.state is not None, keeps_sums).values())
+
+
+def _check_ledger_model(info: dict, modules: dict[str, nn.Module], directory: Path) -> None:
+    """Refuse a model whose edited matrices are not the ledger's (other layers, shapes, dtype)."""
+    got = {n: list(m.weight.shape) for n, m in modules.items()}
+    if got != info["modules"]:
+        raise LedgerError(f"ledger {directory}: edits {', '.join(info['modules'])}; this run edits {', '.join(got)} "
+                          "(another model, or other --layers)")
+    dtype = str(next(iter(modules.values())).weight.dtype).removeprefix("torch.")
+    if dtype != info["model_dtype"]:
+        raise LedgerError(f"ledger {directory}: made with a {info['model_dtype']} model; this one is {dtype} "
+                          f"(use --dtype {info['model_dtype']})")
+
+
+def _to_base(info: dict, modules: dict[str, nn.Module], directory: Path) -> None:
+    """Put ``modules`` at the ledger's base: they are the base already, or the ledger's current edit."""
+    current = weights_hash({n: m.weight for n, m in modules.items()})
+    if current == info["base_weights_sha256"]:
+        return
+    if current != info["current"]["edited_weights_sha256"]:
+        raise LedgerError(f"ledger {directory}: the model's edited matrices are neither the ledger's base nor its "
+                          "current edit (another checkpoint?)")
+    deltas, _ = ledger.current_delta(directory)
+    with torch.no_grad():
+        for n, m in modules.items():
+            m.weight.copy_(shifted(m.weight, deltas[n], -1))
+
+
 class EditSession:
     """An editing history of ``model`` (edited in place); see the module docstring.
 
-    ``EditSession.start(...)`` begins a history from capability statistics; ``ledger.load`` continues
+    ``EditSession.start(...)`` begins a history from capability statistics; ``EditSession.load`` continues
     one. The constructor takes the protected sources at the base as raw sums and computes nothing but
     the capability eigenbases (and the budget's set-up)."""
 
@@ -154,6 +194,8 @@ class EditSession:
             raise SessionError(f"--method {o.method} needs capability statistics (--curvature or --corpus)")
         if o.refresh_drift is not None and not capability_documents:
             raise SessionError("--refresh-drift recomputes the statistics: give the capability corpus (--corpus)")
+        if o.rehearse is not None and o.method in CLOSED_FORM_METHODS:
+            raise SessionError(f"--rehearse re-edits forgotten edits with the gradient methods, not --method {o.method}")
         if o.protect_edits == "mix" and not capability_documents and o.method not in CLOSED_FORM_METHODS:
             raise SessionError("--protect-edits mix recomputes the statistics: give the capability corpus (--corpus)")
         self.conv = {n: is_conv1d(m) for n, m in modules.items()}
@@ -187,6 +229,10 @@ class EditSession:
         self.null_bases: dict[str, Tensor] | None = None  # AlphaEdit: null-space bases of C
         self.targets: Targets | None = None  # MEMIT / AlphaEdit: the last chunk's target values (not in a ledger)
         self.ledger_dir: str | None = None  # where save() / load() last put or found this history
+        self.ledger_commit: str | None = None  # the commit of that ledger this session continues
+        self._model_id: str | None = None  # the model as the ledger records it
+        self._base_changed = False  # a protect-set was added: the ledger's base file is written again
+        self.evaluation: dict | None = None  # the evaluation files a ledger remembers (the CLI's)
         self._record: dict | None = None
 
     @classmethod
@@ -223,17 +269,39 @@ class EditSession:
     def _sums(self, documents: Sequence[Sequence[int]]) -> Sums:
         return _collect_sums(self.model, self.modules, documents, self.options)
 
-    def _weight(self, source: str) -> float:
-        return 1.0 if source == CAPABILITY else self.options.edit_weight
+    def source_weights(self, sources: dict[str, Sums] | None = None) -> dict[str, float]:
+        """``w_s`` per protected source: 1 for the capability corpus, ``edit_weight`` for edits and
+        protect-sets; with a ``capability_share`` floor ``c``, the capability weight rises to
+        ``c / (1 − c) · Σ_{s≠cap} w_s N_s / N_cap`` when its share would fall below ``c``."""
+        sources = self.sources if sources is None else sources
+        w = {s: 1.0 if s == CAPABILITY else self.options.edit_weight for s in sources}
+        floor = self.options.capability_share
+        if floor is not None and CAPABILITY in sources and sources[CAPABILITY].tokens > 0:
+            others = sum(w[s] * v.tokens for s, v in sources.items() if s != CAPABILITY)
+            w[CAPABILITY] = max(1.0, floor / (1 - floor) * others / sources[CAPABILITY].tokens)
+        return w
+
+    def capability_share(self, sources: dict[str, Sums] | None = None, floored: bool = False) -> float | None:
+        """``N_cap / (N_cap + Σ w_s N_s)``: the capability corpus's share of the protected statistics
+        (``floored``: after the ``capability_share`` floor)."""
+        sources = self.sources if sources is None else sources
+        if CAPABILITY not in sources:
+            return None
+        w = self.source_weights(sources)
+        if not floored:
+            w[CAPABILITY] = 1.0
+        total = sum(w[s] * v.tokens for s, v in sources.items())
+        return w[CAPABILITY] * sources[CAPABILITY].tokens / total if total else None
 
     def protected_factors(self, sources: dict[str, Sums] | None = None) -> KFACStatistics:
-        """``A = Σ w_s A_sum_s / Σ w_s N_s`` (and ``G``) over the protected sources."""
+        """``A = Σ w_s A_sum_s / Σ w_s N_s`` (and ``G``) over the protected sources (``source_weights``)."""
         sources = self.sources if sources is None else sources
-        N = sum(self._weight(s) * v.tokens for s, v in sources.items())
+        w = self.source_weights(sources)
+        N = sum(w[s] * v.tokens for s, v in sources.items())
         A, G = {}, {}
         for n in self.modules:
-            A[n] = sum(self._weight(s) * v.A[n] for s, v in sources.items()) / N
-            G[n] = sum(self._weight(s) * v.G[n] for s, v in sources.items()) / N
+            A[n] = sum(w[s] * v.A[n] for s, v in sources.items()) / N
+            G[n] = sum(w[s] * v.G[n] for s, v in sources.items()) / N
         return KFACStatistics(A, G, {n: int(N) for n in self.modules}, {})
 
     def _eigen(self, stats: KFACStatistics, cache=None) -> dict[str, tuple[Eigen, Eigen]]:
@@ -268,10 +336,12 @@ class EditSession:
         if self.projectors is not None and not (self.stale and (force or self.chunks_since_rebuild >= o.rebuild_every)):
             return 0.0
         start = time.perf_counter()
+        used = self.sources
         if o.method == "ft":
             eig = self.cap_eig
         elif o.protect_edits == "mix" and self.requests:
-            eig = self._eigen(self.protected_factors(self._mix_sources(len(self.history))))
+            used = self._mix_sources(len(self.history))
+            eig = self._eigen(self.protected_factors(used))
         elif set(self.sources) == {CAPABILITY} and self.sources[CAPABILITY] is self.base_capability:
             eig = self.cap_eig  # nothing joined the capability corpus yet
         else:
@@ -284,6 +354,9 @@ class EditSession:
         if self.state is not None:
             self.state.reproject(self.projectors)
         self.stale, self.chunks_since_rebuild = False, 0
+        if self._record is not None and o.method != "ft":
+            self._record["capability_share"] = self.capability_share(used)
+            self._record["capability_share_floored"] = self.capability_share(used, floored=True)
         return time.perf_counter() - start
 
     def _projectors(self, eig: dict[str, tuple[Eigen, Eigen]]) -> dict[str, KroneckerProjector]:
@@ -356,17 +429,22 @@ class EditSession:
             raise SessionError(f"target values are for memit and alphaedit, not --method {o.method}")
         index = len(self.history)
         record = {"chunk": index + 1, "name": name, "requests": len(requests), "requests_sha256": requests_hash(requests),
-                  "refreshes": [], "seconds": {"statistics": 0.0}}  # set when this chunk's statistics are taken
+                  "updates": len(self.updates(requests)), "refreshes": [],
+                  "settings": {k: getattr(o, k) for k in CHUNK_SETTINGS},
+                  "seconds": {"statistics": 0.0}}  # set when this chunk's statistics are taken
         self.flush_statistics()  # the previous chunk's
         self._record = record
         start = time.perf_counter()
+        rehearsed = self._rehearsal(record) if o.rehearse is not None and self.requests else []
+        record["seconds"]["rehearsal_check"] = time.perf_counter() - start
         record["seconds"]["rebuild"] = self.rebuild()
         if o.method in CLOSED_FORM_METHODS:
             self._closed_form(requests, index, record, targets)
         else:
-            self._gradient(requests, index, record)
-        record["seconds"]["edit"] = time.perf_counter() - start - record["seconds"]["rebuild"]
-        self.requests.extend((index, r) for r in requests)
+            self._gradient(list(requests) + rehearsed, index, record)
+        record["seconds"]["edit"] = (time.perf_counter() - start - record["seconds"]["rebuild"]
+                                     - record["seconds"]["rehearsal_check"])
+        self.requests.extend((index, r) for r in requests)  # rehearsed requests are there already, once
         protects = o.method in ("crispedit", "nullspace") and o.protect_edits != "none"  # ft has no projector
         if protects and o.protect_edits == "merge":
             self.pending = list(requests)  # their statistics: taken before anything moves the weights again
@@ -375,6 +453,11 @@ class EditSession:
         self.chunks_since_rebuild += 1
         self._maybe_refresh(f"after chunk {index + 1}")
         record["drift"] = self.drift()
+        moved = {n: d["relative_change"] for n, d in record["drift"].items() if n != "total" and d["relative_change"] > o.warn_change}
+        if moved:
+            n = max(moved, key=moved.get)
+            record["warnings"] = [f"{n} has moved {moved[n]:.3g} of its norm since the base (|dW|/|W| above "
+                                  f"--warn-change {o.warn_change:g}; {len(moved)} matrix(es) over)"]
         if self.budget is not None:
             predicted = record["drift"]["total"]["predicted_kl"]
             bound = self.budget.last_mu > 0
@@ -385,6 +468,66 @@ class EditSession:
         self.history.append(record)
         self._record = None
         return record
+
+    def set_options(self, **changes) -> None:
+        """Options that may change between chunks (a resumed ledger's ``--lr``, ``--epochs``, ...,
+        a raised ``--budget``): each chunk records the values it was edited with."""
+        self.options = dataclasses.replace(self.options, **changes)
+        if self.state is not None:
+            for group in self.state.opt.param_groups:
+                group["lr"] = self.options.lr
+        if self.budget is not None and self.options.budget is not None and self.options.budget != self.budget.eps:
+            if self.options.budget > self.budget.eps:
+                self.budget_spent = False
+            self.budget.eps = self.options.budget
+
+    def add_protect(self, name: str, documents: Sequence[Sequence[int]]) -> None:
+        """A protect-set added to a history under way: its K-FAC sums at the base weights join the
+        protected sources (and the ledger's base file)."""
+        with self.at_base():
+            sums = self._sums(documents)
+        self.protect_documents[name] = [list(d) for d in documents]
+        self.base_sources[f"protect:{name}"] = self.sources[f"protect:{name}"] = sums
+        self.stale, self._base_changed = True, True
+
+    def _rehearsal(self, record: dict) -> list[EditRequest]:
+        """Check every earlier edit still in force at the current weights (teacher-forced: every
+        target token the argmax; one batched forward over the history's prompts and targets), and
+        pick the forgotten ones to edit again with this chunk (``rehearse``: all or at most N, in
+        ``rehearse_order``). Records on this chunk ``checked``, ``forgotten``, ``rehearsed``, and on
+        the previous chunk how many of the edits it rehearsed hold now (``recovered``)."""
+        from .evaluate import teacher_forced, token_accuracy
+
+        o = self.options
+        latest: dict[str, tuple[int, EditRequest]] = {}
+        for i, (_, r) in enumerate(self.requests):  # an edit updated later (same prompt) is not checked
+            latest[normalised(r.prompt)] = (i, r)
+        past = sorted(latest.values(), key=lambda x: x[0])
+        with torch.no_grad():
+            pairs = teacher_forced(self.model, self.tokenizer, [r.prompt for _, r in past], [r.target_new for _, r in past])
+        held = [token_accuracy(pred, gold) for pred, gold in pairs]
+        forgotten = [k for k, h in enumerate(held) if h < 1.0]
+        if o.rehearse_order == "most-forgotten":
+            forgotten.sort(key=lambda k: (held[k], k))
+        limit = len(forgotten) if o.rehearse == "all" else int(o.rehearse)
+        picked = [past[k][1] for k in forgotten[:limit]]
+        if self.history and self.history[-1].get("rehearsal"):
+            before = set(self.history[-1]["rehearsal"]["ids"])
+            ok = {past[k][1].identity() for k, h in enumerate(held) if h == 1.0}
+            self.history[-1]["rehearsal"]["recovered"] = len(before & ok)
+        record["rehearsal"] = {"checked": len(past), "forgotten": len(forgotten), "rehearsed": len(picked),
+                               "recovered": None, "ids": [r.identity() for r in picked]}
+        return picked
+
+    def updates(self, requests: Sequence[EditRequest]) -> list[EditRequest]:
+        """The requests whose prompt an earlier chunk edited towards another target (an update of that edit)."""
+        earlier = {normalised(r.prompt): normalised(r.target_new) for _, r in self.requests}
+        return [r for r in requests if earlier.get(normalised(r.prompt), normalised(r.target_new)) != normalised(r.target_new)]
+
+    def committed(self, requests: Sequence[EditRequest]) -> list[EditRequest]:
+        """The requests this history has edited already (the same ``EditRequest.identity``)."""
+        done = {r.identity() for _, r in self.requests}
+        return [r for r in requests if r.identity() in done]
 
     def _gradient(self, requests: Sequence[EditRequest], index: int, record: dict) -> None:
         o = self.options
@@ -502,67 +645,203 @@ class EditSession:
         return measure(self.model, self.tokenizer, ref, batch_size=batch_size, progress=self.progress)
 
     # -----------------------------------------------------------------------------------------
-    # on disk (crispedit/ledger.py)
+    # on disk (crispedit/ledger.py writes and reads; the session says what and rebuilds itself)
 
-    def save(self, directory: str, model_id: str | None = None, snapshot_every: int | None = None) -> None:
-        """Write this history's ledger to ``directory`` (a new one, or its own): after every chunk."""
-        from . import ledger
+    def describe(self, model_id: str | None) -> dict:
+        """The identity of this history: what a model must match to continue it."""
+        cfg = getattr(self.model, "config", None)
+        return {
+            "version": __version__, "model": model_id or getattr(cfg, "_name_or_path", None),
+            "model_revision": getattr(cfg, "_commit_hash", None), "model_type": getattr(cfg, "model_type", None),
+            "model_dtype": str(next(iter(self.modules.values())).weight.dtype).removeprefix("torch."),
+            "modules": {n: list(m.weight.shape) for n, m in self.modules.items()},
+            "base_weights_sha256": self.base_hash, "options": dataclasses.asdict(self.options),
+            "capability": self.capability_meta, "protect": sorted(self.protect_documents),
+        }
 
-        ledger.save(self, directory, model_id, snapshot_every)
-        self.ledger_dir = str(directory)
+    def base_tensors(self) -> tuple[dict[str, Tensor], dict]:
+        """The part of a history fixed at its start: the protected sources at the base, and the documents."""
+        tensors, meta = {}, {"sources": {}}
+        for source, sums in self.base_sources.items():
+            meta["sources"][source] = sums.tokens
+            tensors.update(ledger.sums_tensors(f"sums.{source}", sums.A, sums.G))
+        tensors.update(ledger.documents_tensors("capability", self.capability_documents))
+        for name, docs in self.protect_documents.items():
+            tensors.update(ledger.documents_tensors(f"protect:{name}", docs))
+        return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, meta
+
+    def state_tensors(self) -> tuple[dict[str, Tensor], dict]:
+        """Everything that changes as this history edits: tensors, and the JSON that goes with them.
+        The pending chunk's statistics are taken first (the state holds them)."""
+        self.flush_statistics()
+        tensors = {f"delta.{n}": d for n, d in self.deltas().items()}
+        for n, m in self.modules.items():  # a float64 model: no wider dtype makes W0 + ΔW exact, keep W itself
+            if tensors[f"delta.{n}"].dtype == m.weight.dtype:
+                tensors[f"weights.{n}"] = m.weight
+        meta: dict = {"sources": {}, "stale": self.stale, "chunks_since_rebuild": self.chunks_since_rebuild,
+                      "budget_spent": self.budget_spent,
+                      "budget_projections": self.budget.projections if self.budget is not None else 0}
+        for source, sums in self.sources.items():
+            if sums is self.base_sources.get(source):
+                meta["sources"][source] = "base"
+            else:
+                meta["sources"][source] = sums.tokens
+                tensors.update(ledger.sums_tensors(f"sums.{source}", sums.A, sums.G))
+        if self.state is not None:
+            opt, meta["optimizer"] = self.state.state_tensors()
+            tensors.update({f"opt.{k}": v for k, v in opt.items()})
+        if self.stats_weights is not self.base:
+            tensors.update({f"stats-weights.{n}": w for n, w in self.stats_weights.items()})
+        if self.preserved is not None:
+            tensors.update({f"preserved.{n}": v for n, v in self.preserved.items()})
+        # the eigenbases the next chunk uses without rebuilding: a deferred rebuild, or current projectors
+        # (after a refresh, say) — rebuilt on load they would re-project Adam's moment once more
+        deferred = self.stale and self.chunks_since_rebuild < self.options.rebuild_every
+        current = not self.stale and self.projectors is not None
+        if self.eig is not None and (deferred or current):
+            if self.eig is self.cap_eig:
+                meta["eig"] = "capability"
+            else:
+                meta["eig"] = "saved"
+                for n, (eA, eG) in self.eig.items():
+                    tensors.update({f"eig.{n}.A.values": eA.values, f"eig.{n}.A.vectors": eA.vectors,
+                                    f"eig.{n}.G.values": eG.values, f"eig.{n}.G.vectors": eG.vectors})
+        return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, meta
+
+    def restore_state(self, tensors: dict[str, Tensor], meta: dict) -> None:
+        """Set this session (made at the base) to the state ``state_tensors`` described, bit for bit."""
+        names = list(self.modules)
+        dev = {n: m.weight.device for n, m in self.modules.items()}
+        with torch.no_grad():
+            for n, m in self.modules.items():
+                w = tensors.get(f"weights.{n}")
+                m.weight.copy_(shifted(self.base[n], tensors[f"delta.{n}"], +1) if w is None else w)
+        self.sources = {s: self.base_sources[s] if tokens == "base" else Sums(*ledger.sums_from(tensors, f"sums.{s}", names), tokens)
+                        for s, tokens in meta["sources"].items()}
+        if self.state is not None:
+            self.state.load_state({k[4:]: v for k, v in tensors.items() if k.startswith("opt.")}, meta["optimizer"])
+        if f"stats-weights.{names[0]}" in tensors:
+            self.stats_weights = {n: tensors[f"stats-weights.{n}"].to(dev[n]) for n in names}
+        if f"preserved.{names[0]}" in tensors:
+            self.preserved = {n: tensors[f"preserved.{n}"].to(dev[n]) for n in names}
+        self.stale, self.chunks_since_rebuild = meta["stale"], meta["chunks_since_rebuild"]
+        self.budget_spent = meta["budget_spent"]
+        if self.budget is not None:
+            self.budget.projections = meta.get("budget_projections", 0)
+        kind = meta.get("eig", "saved" if f"eig.{names[0]}.A.values" in tensors else None)
+        if kind == "capability":
+            self.eig = self.cap_eig
+        elif kind == "saved":
+            self.eig = {n: (Eigen(tensors[f"eig.{n}.A.values"].to(dev[n]), tensors[f"eig.{n}.A.vectors"].to(dev[n])),
+                            Eigen(tensors[f"eig.{n}.G.values"].to(dev[n]), tensors[f"eig.{n}.G.vectors"].to(dev[n])))
+                        for n in names}
+        if self.eig is not None:
+            self.projectors = self._projectors(self.eig)
+
+    def save(self, directory: str | Path, model_id: str | None = None, snapshot_every: int | None = None,
+             evaluation: dict | None = None, revert_to: int | None = None, discard: bool = False) -> dict:
+        """Commit this history's state to the ledger in ``directory`` (a new one, or the one it was
+        loaded from or last saved to: another history there is refused). ``snapshot_every``: keep the
+        state of every that many chunks (default: the ledger's, else every chunk when a state is under
+        256 MiB, else none). ``evaluation``: the evaluation files to remember. Returns ``ledger.json``."""
+        directory = Path(directory).expanduser()
+        owner = self.ledger_commit if self.ledger_dir is not None and Path(self.ledger_dir).resolve() == directory.resolve() else None
+        if snapshot_every is None and owner is None:
+            snapshot_every = ledger.auto_snapshot_every(ledger_state_bytes(self))
+        new_base = owner is None or self._base_changed
+        state = self.state_tensors()
+        deltas = self.deltas()
+        identity = self.describe(model_id if model_id is not None else self._model_id)
+        manifest = edit_manifest(self.modules, deltas, {"base_model": identity["model"], "ledger": True,
+                                                        "chunks": len(self.history), "options": identity["options"]},
+                                 self.base_hash)
+        info = ledger.commit(directory, owner=owner, identity=identity, history=self.history, state=state,
+                             requests=ledger.requests_text(self.requests),
+                             edited_sha256=weights_hash({n: m.weight for n, m in self.modules.items()}),
+                             base=self.base_tensors() if new_base else None, snapshot_every=snapshot_every,
+                             delta=(deltas, manifest), revert_to=revert_to, discard=discard,
+                             extra={"evaluation": evaluation or self.evaluation} if (evaluation or self.evaluation) else None)
+        self.ledger_dir, self.ledger_commit, self._model_id, self._base_changed = str(directory), info["commit"], identity["model"], False
+        self.evaluation = info.get("evaluation")
+        return info
 
     @classmethod
-    def load(cls, directory: str, model: nn.Module, tokenizer, modules: dict[str, nn.Module] | None = None,
+    def load(cls, directory: str | Path, model: nn.Module, tokenizer, modules: dict[str, nn.Module] | None = None,
              progress: bool = False, chunk: int | None = None) -> "EditSession":
         """The history of a ledger on ``model`` (at the ledger's base, or as the ledger left it), bit for
-        bit; ``modules`` default to the ledger's; ``chunk``: the state after that chunk (a snapshot)."""
-        from . import ledger
+        bit; ``modules`` default to the ledger's; ``chunk``: the kept state after that chunk (a
+        snapshot; 0 is the start) instead of the current one. Every file read is checked against its
+        SHA-256."""
         from .layers import modules_by_name
 
+        directory = Path(directory).expanduser()
+        info = ledger.read(directory)
         if modules is None:
-            modules = modules_by_name(model, list(ledger.read(directory)["modules"]))
-        session = ledger.load(directory, model, tokenizer, modules, progress, chunk)
-        session.ledger_dir = str(directory)
+            modules = modules_by_name(model, list(info["modules"]))
+        _check_ledger_model(info, modules, directory)
+        _to_base(info, modules, directory)
+        base = ledger.read_base(directory, info)
+        names = list(modules)
+        base_sources = {s: Sums(*ledger.sums_from(base, f"sums.{s}", names), t) for s, t in info["base"]["sources"].items()}
+        protect = {name: ledger.documents_from(base, f"protect:{name}") for name in info.get("protect", [])}
+        session = cls(model, tokenizer, modules, ledger.options_of(info), base_sources,
+                      ledger.documents_from(base, "capability"), protect, info.get("capability"), progress,
+                      eigen_cache=str(directory))
+        if session.base_hash != info["base_weights_sha256"]:
+            raise LedgerError(f"ledger {directory}: the base weights do not hash to the ledger's (another checkpoint?)")
+        session.ledger_dir, session.ledger_commit, session._model_id = str(directory), info["commit"], info["model"]
+        session.evaluation = info.get("evaluation")
+        if chunk == 0:
+            session.requests = []
+            return session
+        entry = ledger.entry_at(info, chunk, directory)
+        tensors, session.requests = ledger.read_state(directory, entry)
+        session.restore_state(tensors, entry["state_meta"])
+        session.history = list(info["chunks"][: len(info["chunks"]) if chunk is None else chunk])
+        if weights_hash({n: m.weight for n, m in modules.items()}) != entry["edited_weights_sha256"]:
+            raise LedgerError(f"ledger {directory}: {entry['state']} does not give the weights it recorded (corrupted?)")
         return session
 
-    def revert(self, to: int) -> None:
-        """Go back to the state after chunk ``to`` (0: the base) of this session's ledger, exactly: from
-        a snapshot, or by replaying the chunks after the nearest earlier one (the same bits). The
-        chunks after ``to`` stay listed in the ledger under ``reverted``."""
-        from . import ledger
-
+    def revert(self, to: int, discard: bool = False) -> None:
+        """Go to the state after chunk ``to`` (0: the base) of this session's ledger, exactly: from a
+        kept state (a snapshot, or a reverted chunk's), or by replaying the chunks after the nearest
+        earlier snapshot (the same bits). The chunks after ``to`` stay in the ledger as a reverted
+        branch that ``revert`` can bring back (``discard``: their states are removed)."""
         directory = self.ledger_dir
         if directory is None:
             raise SessionError("revert works on a ledger: save the session first (session.save(DIR))")
         info = ledger.read(directory)
         n = len(info["chunks"])
-        if not 0 <= to <= n:
-            raise SessionError(f"--to {to}: the ledger {directory} has chunks 0..{n}")
+        kept = ledger.restorable(info)
+        if not 0 <= to <= n and to not in kept:
+            more = f" (and the reverted {', '.join(map(str, kept))})" if kept else ""
+            raise SessionError(f"--to {to}: the ledger {directory} has chunks 0..{n}{more}")
         self.restore_base()
-        if str(to) in info["snapshots"] or to == n:
-            ledger.revert(directory, to)
+        if to > n or str(to) in info["snapshots"] or to == n:
+            ledger.revert(directory, to, discard)
             fresh = EditSession.load(directory, self.model, self.tokenizer, self.modules, self.progress)
         else:
-            fresh = EditSession.replayed(directory, self.model, self.tokenizer, to, self.modules, self.progress)
+            fresh = EditSession.replayed(directory, self.model, self.tokenizer, to, self.modules, self.progress, discard)
         self.__dict__.update(fresh.__dict__)
 
     @classmethod
-    def replayed(cls, directory: str, model: nn.Module, tokenizer, to: int, modules: dict[str, nn.Module] | None = None,
-                 progress: bool = False) -> "EditSession":
+    def replayed(cls, directory: str | Path, model: nn.Module, tokenizer, to: int,
+                 modules: dict[str, nn.Module] | None = None, progress: bool = False,
+                 discard: bool = False) -> "EditSession":
         """The state after chunk ``to`` of a ledger without a snapshot of it, on ``model`` at the
         ledger's base: the nearest earlier snapshot (or the base) loaded and the chunks after it edited
-        again, which gives the same bits; the ledger then records ``to`` as its current state, the
-        later chunks under ``reverted``."""
-        from . import ledger
-
+        again, which gives the same bits; committed as the ledger's current state, the later chunks a
+        reverted branch."""
         info = ledger.read(directory)
         j = ledger.nearest_snapshot(info, to)
         session = cls.load(directory, model, tokenizer, modules, progress, chunk=j)
-        requests = ledger.read_requests(Path(directory) / info["current"]["requests"], Path(directory))
+        requests = ledger.read_requests(directory, info["current"])
         for k in range(j, to):
+            session.set_options(**info["chunks"][k].get("settings", {}))
             session.edit([r for c, r in requests if c == k], info["chunks"][k].get("name"))
             session.history[-1]["metrics"] = info["chunks"][k].get("metrics")
-        ledger.replace_history(directory, session, to)
+        session.set_options(**{k: info["options"][k] for k in CHUNK_SETTINGS})  # the ledger's, for what comes next
+        session.save(directory, revert_to=to, discard=discard)
         return session
 
     @contextlib.contextmanager

@@ -163,6 +163,40 @@ def test_edit_then_apply_delta_and_revert(tiny, tmp_path, requests_file, capsys)
     assert code == 0 and json.loads((tmp_path / "eval.json").read_text())["after"]["metrics"]
 
 
+def test_chunked_edit_and_log_print_their_legends_once(tiny, tmp_path, requests_file, capsys):
+    from crispedit.cli import CHUNK_LEGEND, DRIFT_LEGEND, LOG_LEGEND
+
+    code, out, err = _run(capsys, "edit", "--model", tiny / "model", "--requests", requests_file, "--corpus", tiny / "a.txt",
+                          "--layers", "1", "--epochs", "1", "--lr", "1e-2", "--chunk-size", "1", "--heldout", tiny / "b.jsonl",
+                          "--ledger", tmp_path / "L", "--no-progress")
+    assert code == 0, err
+    assert err.count(CHUNK_LEGEND) == 1 and err.index(CHUNK_LEGEND) < err.index("chunk 1/2") < err.index("chunk 2/2")
+    assert out.count(DRIFT_LEGEND) == 1 and out.index("outside") < out.index(DRIFT_LEGEND)
+    code, out, _ = _run(capsys, "log", tmp_path / "L")
+    assert code == 0 and out.count(LOG_LEGEND) == 1
+    for column in ("first", "rephr.", "known", "refr.", "budget"):  # every column the table heads, explained
+        assert f"{column}: " in LOG_LEGEND, column
+    for column in ("reliability", "first chunk", "known facts", "KL held-out", "refresh(es)", "budget"):
+        assert f"{column}: " in CHUNK_LEGEND, column
+
+
+def test_an_argparse_error_is_a_short_usage_and_one_line(capsys):
+    for argv, prog in ((["edit", "--method", "rome"], "crispedit edit"), (["frobnicate"], "crispedit")):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        lines = capsys.readouterr().err.splitlines()
+        assert e.value.code == 2 and len(lines) == 2, lines
+        assert lines[0] == f"usage: {prog} {'' if ' ' in prog else 'SUBCOMMAND '}[options]"
+        assert lines[1].startswith(f"{prog}: error: ") and lines[1].endswith(f"(`{prog} --help` lists the options)")
+
+
+def test_budget_help_gives_a_typical_value():
+    from crispedit.cli import build_parser
+
+    edit = next(a for a in build_parser()._actions if a.dest == "command").choices["edit"]
+    assert "typical: 0.02" in edit.format_help().replace("\n", " ").replace("  ", " ")
+
+
 def test_help_imports_nothing_heavy():
     """``crispedit --help`` is instant: the CLI module imports neither torch nor transformers."""
     import subprocess

@@ -107,6 +107,15 @@ def world(tmp_path_factory):
     assert main([*edit, "--out", str(W / "edit")]) == 0
     assert main([*edit, "--dtype", "bfloat16", "--allow-other-checkpoint", "--out", str(W / "edit16")]) == 0  # see the fp16 row
     assert main([*edit, "--gamma", "0.8", "--chunk-size", "1", "--ledger", str(W / "ledger")]) == 0
+    # issue 18 §5: an apply-delta output; configurations of another width and of a negative one; no tokenizer
+    assert main(["apply-delta", "--no-progress", "--model", str(W / "model"), "--delta", str(W / "edit"),
+                 "--out", str(W / "applied")]) == 0
+    tiny_hf("llama", layers=3, dtype=torch.float32, hidden_size=32).config.save_pretrained(W / "wide")
+    tiny_hf("llama", layers=3, dtype=torch.float32, std=0.1).save_pretrained(W / "notok")
+    (W / "negative").mkdir()
+    config = json.loads((W / "model" / "config.json").read_text())
+    (W / "negative" / "config.json").write_text(json.dumps({**config, "hidden_size": -16}))
+    (W / "budget-inf.toml").write_text("budget = inf\n")
     return W
 
 
@@ -262,7 +271,7 @@ ROWS = {
     "config: gamma = \"high\"": Row(EDIT + " --config {W}/gamma-high.toml", 2, "gamma must be a number, got 'high'"),
     "config: a list for a single value": Row(EDIT + " --config {W}/gamma-list.toml", 2, "gamma takes one value"),
     "evaluate --base of another architecture": Row(EVAL.replace("{W}/model", "{W}/gpt2"), 2,
-                                                   "--base {W}/gpt2: another architecture than --model"),
+                                                   "--base {W}/gpt2: another architecture than --model {W}/edit (model_type gpt2 vs llama)"),
     # §3 requests, methods, statistics, context
     "duplicate case_ids": Row(EDIT.replace("requests.jsonl", "dup.jsonl"), 2, ("dup.jsonl", "share case_id 0")),
     "one prompt, two targets": Row(EDIT.replace("requests.jsonl", "conflict.jsonl"), 2, ("conflict.jsonl", "asks for 'rug' (record 0) and 'bread'")),
@@ -306,9 +315,9 @@ ROWS = {
                                            setup=_truncated_ledger),
     "log a truncated ledger.json": Row("log {T}/L", 2, "ledger.json is unreadable", setup=_truncated_ledger),
     "revert a truncated ledger.json": Row("revert {T}/L --to 1", 2, "ledger.json is unreadable", setup=_truncated_ledger),
-    "--resume a ledger without its state file": Row(RESUME.replace("{W}/ledger", "{T}/L"), 2, ("ledger {T}/L", "state-00002.safetensors", "missing"),
+    "--resume a ledger without its state file": Row(RESUME.replace("{W}/ledger", "{T}/L"), 2, ("ledger {T}/L", "state-00002-", "is missing"),
                                                     setup=_ledger_without_state),
-    "revert a ledger without its state file": Row("revert {T}/L --to 1", 2, ("ledger {T}/L", "state-00002.safetensors"),
+    "revert a ledger without its state file": Row("revert {T}/L --to 1", 2, ("ledger {T}/L", "state-00002-", "is missing"),
                                                   setup=_ledger_without_state),
     "--resume --gamma contradicting the ledger": Row(RESUME + " --gamma 0.5", 2, "--gamma 0.5 contradicts the ledger's 0.8"),
     "--resume --method contradicting the ledger": Row(RESUME + " --method ft", 2, "--method ft contradicts the ledger's crispedit"),
@@ -369,6 +378,15 @@ ROWS = {
     "unknown option": Row(EDIT + " --frobnicate 1", 2, "unrecognized arguments: --frobnicate"),
     "--edit-weight with ft": Row(EDIT + " --method ft --edit-weight 2", 2, "--edit-weight does not apply to --method ft"),
     "--mix-sample without mix": Row(EDIT + " --mix-sample 5", 2, "--mix-sample applies to --protect-edits mix only"),
+    # sequential editing (issue 17)
+    "--rehearse -1": Row(EDIT + " --rehearse -1", 2, "--rehearse must be 'all' or a whole number >= 0, got -1"),
+    "--rehearse some": Row(EDIT + " --rehearse some", 2, "--rehearse must be 'all' or a whole number >= 0"),
+    "--rehearse with memit": Row(EDIT + " --method memit --rehearse all", 2, "--rehearse does not apply to --method memit"),
+    "--rehearse-order without --rehearse": Row(EDIT + " --rehearse-order oldest", 2, "--rehearse-order applies with --rehearse"),
+    "--capability-share 1": Row(EDIT + " --capability-share 1", 2, "--capability-share must lie in (0, 1)"),
+    "--capability-share 0": Row(EDIT + " --capability-share 0", 2, "--capability-share must lie in (0, 1)"),
+    "--capability-share with ft": Row(EDIT + " --method ft --capability-share 0.5", 2, "--capability-share does not apply to --method ft"),
+    "--warn-change 0": Row(EDIT + " --warn-change 0", 2, "--warn-change must be positive"),
     "--refresh-drift without a corpus": Row(EDIT + " --refresh-drift 0.25", 2, "--refresh-drift recomputes the statistics: give --corpus"),
     "apply a delta twice": Row(APPLY.replace("{W}/model", "{W}/edit") + " --out {T}/out", 2,
                                ("--model {W}/edit (with --delta {W}/edit)", "not the base weights"), loads=True),
@@ -383,6 +401,34 @@ ROWS = {
                                                "--inputs {W}/afile: not a readable safetensors file"),
     "merge a missing file": Row("merge-curvature --inputs {W}/curv {W}/nowhere --out {T}/out", 2, "--inputs {W}/nowhere: no such file"),
     "evaluate without --base": Row(EVAL.replace("--base {W}/model", ""), 2, "--base is required"),
+    # issue 18 §5: every output kind checked against --base; tracebacks and messages
+    "evaluate --base of another width": Row(EVAL.replace("{W}/model", "{W}/wide"), 2,
+                                            "--base {W}/wide: another architecture than --model {W}/edit (hidden_size 32 vs 16)"),
+    "evaluate an apply-delta output against another base": Row(
+        EVAL.replace("{W}/edit", "{W}/applied").replace("--base {W}/model", "--base {W}/other"), 2,
+        ("--base {W}/other: its matrices are not the base this model was made from", "{W}/applied/manifest.json"), loads=True),
+    "evaluate a ledger against another base": Row(
+        EVAL.replace("{W}/edit", "{W}/ledger").replace("--base {W}/model", "--base {W}/other"), 2,
+        ("--base {W}/other: its matrices are not the base this ledger was made from", "{W}/ledger/ledger.json"), loads=True),
+    "evaluate a ledger's current model against its base": Row(EVAL.replace("{W}/edit", "{W}/ledger"), 0, ("reliability", "locality")),
+    "plan of a negative hidden size": Row("plan --model {W}/negative", 2, "--model {W}/negative/config.json: hidden_size is -16"),
+    "plan of a config.json with a negative hidden size": Row("plan --model {W}/negative/config.json", 2,
+                                                             "--model {W}/negative/config.json: hidden_size is -16"),
+    "edit of a negative hidden size": Row(EDIT.replace("{W}/model", "{W}/negative"), 2,
+                                          "--model {W}/negative/config.json: hidden_size is -16; it must be a positive"),
+    "plan --chunk-size 0": Row("plan --model {W}/model --chunk-size 0", 2, "--chunk-size must be at least 1, got 0"),
+    "log without a ledger": Row("log", 2, "LEDGER is required: crispedit log LEDGER"),
+    "log --ledger": Row("log --ledger {W}/ledger", 2, ("unrecognized arguments: --ledger", "positional: crispedit log LEDGER")),
+    "revert --ledger": Row("revert --ledger {W}/ledger --to 1", 2, ("--ledger", "positional: crispedit revert LEDGER")),
+    "--protect JSON of neither kind": Row(EDIT + " --protect {W}/unknown.jsonl", 2,
+                                          ("--protect {W}/unknown.jsonl: neither a request file", "prompt with ground_truth")),
+    "a model directory without tokenizer files": Row(EDIT.replace("{W}/model", "{W}/notok"), 2,
+                                                     ("--model {W}/notok: no tokenizer there", "tokenizer.json")),
+    "--budget inf": Row(EDIT + " --budget inf", 2, "--budget must be a finite number, got inf"),
+    "--lr nan": Row(EDIT + " --lr nan", 2, "--lr must be a finite number, got nan"),
+    "config: budget = inf": Row(EDIT + " --config {W}/budget-inf.toml", 2, "--budget must be a finite number, got inf"),
+    "an argparse error is a short usage line and one error line": Row(
+        EDIT + " --method rome", 2, ("--method: invalid choice: 'rome'", "`crispedit edit --help` lists the options")),
     # issue 9: found in review
     "evaluate --base of another checkpoint of the same shapes": Row(
         EVAL.replace("--base {W}/model", "--base {W}/other"), 2, "--base {W}/other: its matrices are not the base this edit",
@@ -428,6 +474,8 @@ def test_contract(world, tmp_path, capsys, monkeypatch, name):
         lines = err.strip().splitlines()
         errors = [line for line in lines if "error:" in line]
         assert len(errors) == 1 and lines[-1] == errors[0], err  # one line, the last one
+        usage = [line for line in lines if line.startswith("usage:")]  # argparse's: one short line, not its whole usage
+        assert len(usage) <= 1 and all(line.endswith(" [options]") for line in usage), err
         for f in fragments:
             assert f.format(W=W, T=T) in errors[0], errors[0]
         assert _snapshot(W, T) == before  # nothing written, nothing changed

@@ -80,3 +80,23 @@ def test_demo_closed_forms_edit_early_blocks_and_share_the_targets(demo_model):
     assert same is targets and alpha["target_probability"] == memit["target_probability"] > 0
     assert alpha["seconds_targets"] < memit["seconds_targets"] / 3
     assert memit["reliability_teacher_forced"] > 0.3  # the early blocks and these settings do edit this model
+
+
+def test_plot_shows_the_tables_columns_from_zero(tmp_path):
+    """The plot on a result dict (no demo run): one panel per column of the table, every axis from zero, so that
+    0.990 and 1.000 reliability look alike and locality, known facts and drift show what differs."""
+    from crispedit.demo import PANELS, plot
+
+    row = lambda method, gamma, rel, loc, known, kl, pred: dict(  # noqa: E731
+        method=method, gamma=gamma, blocks=[3, 4], reliability=rel, locality_agreement=loc, known_facts_accuracy=known,
+        heldout_kl=kl, predicted_kl=pred)
+    rows = [row("crispedit", 0.8, 0.99, 0.647, 0.69, 0.042, 0.038), row("ft", 0.0, 1.0, 0.43, 0.5, 0.115, 0.113),
+            row("nullspace", 0.8, 0.99, 0.657, 0.66, 0.053, 0.058), row("memit", None, 0.22, 0.58, None, 0.34, 0.24)]
+    sweep = [row("crispedit", 0.99, 0.21, 0.973, 0.99, 0.023, 0.025)]
+    limits = plot(rows, sweep, tmp_path / "plot.png")
+    assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert set(limits) == {key for key, _, _ in PANELS} == {"reliability", "locality_agreement", "known_facts_accuracy",
+                                                            "heldout_kl"}
+    assert all(lo == 0 for lo, _ in limits.values())
+    assert all(limits[k][1] >= 1 for k in ("reliability", "locality_agreement", "known_facts_accuracy"))
+    assert limits["heldout_kl"][1] > 0.34  # the largest drift is inside the axis

@@ -13,8 +13,9 @@ import torch
 from crispedit.curvature import collect
 from crispedit.editor import _batch, edit_loss, tokenize_requests
 from crispedit.layers import decoder_blocks, find_modules
-from crispedit.memit import (MemitConfig, MemitError, alphaedit_delta, apply_closed_form, compute_keys, compute_targets,
-                             context_prefixes, last_subject_token, memit_delta, nullspace_basis, subject_hidden)
+from crispedit.memit import (MemitConfig, MemitError, alphaedit_delta, alphaedit_solve, apply_closed_form,
+                             compute_keys, compute_targets, context_prefixes, key_shares, last_subject_token,
+                             memit_delta, memit_solve, nullspace_basis, subject_hidden)
 from crispedit.requests import EditRequest
 from models import char_tokenizer, tiny_hf
 
@@ -141,6 +142,40 @@ def test_alphaedit_annihilates_the_protected_span_and_memit_does_not():
     # MEMIT only penalises those directions
     Dm = memit_delta(R, K, C, 1.0)
     assert ((Dm @ protected).norm(dim=0) / Dm.norm()).max() > 1e-3
+
+
+def _realised(R, D, K):
+    """``H`` read off the update itself: ``ΔW Kᵀ = Rᵀ H`` solved for ``H`` (``Rᵀ`` has full column rank)."""
+    return torch.linalg.lstsq(R.T, D @ K.T).solution
+
+
+@pytest.mark.parametrize("n", [1, 4])
+@pytest.mark.parametrize("method", ["memit", "alphaedit"])
+def test_key_shares_equal_the_realised_shares_and_s_the_dense_one(method, n):
+    """diag H is the share of each request's own residual that ΔW writes at its key; ``s`` is the
+    dense ``kᵀ A⁻¹ k`` (MEMIT ``A = λC``; AlphaEdit ``K → KU``, ``A = Uᵀ S_p U + L2·I``); one request
+    alone realises ``s/(1+s)``."""
+    gen = torch.Generator().manual_seed(3)
+    d_in, d_out, lam, L2 = 12, 7, 0.7, 2.5
+    K = torch.randn(n, d_in, generator=gen, dtype=torch.float64)
+    R = torch.randn(n, d_out, generator=gen, dtype=torch.float64)
+    C = _rand_psd(d_in, gen)
+    if method == "memit":
+        D, H = memit_solve(R, K, C, lam)
+        S = K @ torch.linalg.inv(lam * C) @ K.T
+    else:
+        U = nullspace_basis(_rand_psd(d_in, gen, rank=5), 1e-8)
+        Sp = _rand_psd(d_in, gen, rank=3)
+        D, H = alphaedit_solve(R, K, U, Sp, L2)
+        S = K @ U @ torch.linalg.inv(U.T @ Sp @ U + L2 * torch.eye(U.shape[1], dtype=torch.float64)) @ U.T @ K.T
+    share, s = key_shares(H)
+    assert torch.allclose(share, torch.diagonal(_realised(R, D, K)), rtol=0, atol=SOLVE_TOL)
+    assert torch.allclose(s, torch.diagonal(S), rtol=SOLVE_TOL, atol=0)
+    assert torch.allclose(H, S @ torch.linalg.inv(torch.eye(n, dtype=torch.float64) + S), rtol=0, atol=SOLVE_TOL)
+    if n == 1:
+        assert torch.allclose(share, s / (1 + s), rtol=0, atol=SOLVE_TOL)
+    else:  # the requests share the update: each realises less of its own residual than it would alone
+        assert (share < s / (1 + s)).all()
 
 
 def test_nullspace_thresholds_absolute_relative_and_empty():
@@ -299,6 +334,37 @@ def test_one_layer_one_request_moves_the_key_by_its_closed_form(model_type):
             assert (h1 - res.targets.z[0]).norm() < reach * r.norm()
         # the matrix's own edit leaves its input alone
         assert torch.allclose(compute_keys(model, TOK, module, req)[0], k, rtol=0, atol=FORWARD_TOL)
+
+
+@pytest.mark.parametrize("method", ["memit", "alphaedit"])
+def test_reported_key_shares_are_what_the_edit_writes(method):
+    """Two layers, three requests and then one: per layer, the reported share of each request's own
+    residual equals diag H read off ``ΔW_l K_lᵀ = R_lᵀ H`` with ``K_l``, ``R_l`` rebuilt from the model
+    (the keys of layer l after the edit, the block output with the layers before l edited), and the
+    reported ``s`` equals the dense ``kᵀ A⁻¹ k``; one request realises ``s/(1+s)``."""
+    for requests in (REQUESTS, REQUESTS[:1]):
+        model, modules, C = _setup()
+        base = copy.deepcopy(model)
+        res = apply_closed_form(model, TOK, modules, requests, C, TOY, method=method)
+        partial = copy.deepcopy(base)  # the base with the layers before l edited
+        block = decoder_blocks(partial)[1][1]
+        for i, (name, module) in enumerate(modules.items()):
+            K = compute_keys(model, TOK, module, requests, res.prefixes)
+            R = (res.targets.z - subject_hidden(partial, TOK, block, requests)) / (len(modules) - i)
+            D = res.deltas[name]
+            share, s = (torch.tensor(x[name], dtype=torch.float64) for x in (res.key_shares, res.s_single))
+            assert torch.allclose(share, torch.diagonal(_realised(R, D, K)), rtol=0, atol=1e-8)
+            if method == "memit":
+                S = K @ torch.linalg.solve(TOY.mom2_update_weight * C[name], K.T)
+            else:
+                KU = K @ res.null_bases[name]
+                S = KU @ KU.T / TOY.L2
+            assert torch.allclose(s, torch.diagonal(S), rtol=1e-8, atol=0)
+            if len(requests) == 1:
+                assert torch.allclose(share, s / (1 + s), rtol=0, atol=1e-12)
+            assert res.layers[name]["key_share_mean"] == pytest.approx(float(share.mean()))
+            with torch.no_grad():
+                partial.get_submodule(name).weight += D
 
 
 def test_alphaedit_sequential_chunks_protect_the_span_and_carry_the_edited_keys():

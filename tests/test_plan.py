@@ -68,9 +68,9 @@ def test_plan_counts_the_tensors_a_session_holds(tmp_path, dtype):
     assert p["memory"]["phases"]["statistics"]["moments"]["batch"]["parts"]["sums"] == nbytes(hooks.buffers.values())
 
     # the ledger: base.safetensors' sums, and the state file's parts
-    base, _ = ledger.base_tensors(session)
+    base, _ = session.base_tensors()
     assert p["ledger"]["base"]["capability_sums"] == nbytes(v for k, v in base.items() if k.startswith("sums."))
-    tensors, _ = ledger.state_tensors(session)
+    tensors, _ = session.state_tensors()
     part = lambda pick: nbytes(v for k, v in tensors.items() if pick(k))  # noqa: E731
     want = p["ledger"]["per_chunk_state"]
     assert want["delta"] == part(lambda k: k.startswith("delta."))
@@ -84,7 +84,7 @@ def test_auto_layers_of_a_llama3_8b_configuration_offline(tmp_path, monkeypatch)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     (tmp_path / "config.json").write_text(json.dumps(LLAMA3_8B))
     for where in (tmp_path, tmp_path / "config.json"):
-        p = plan(str(where))
+        p = plan(str(where), dtype="bfloat16")
         assert list(p["modules"]) == [f"model.layers.{i}.mlp.down_proj" for i in range(19, 24)]
         assert all(s == [4096, 14336] for s in p["modules"].values())
     assert p["parameters"] == 8_030_261_248  # LLaMA-3-8B
@@ -97,6 +97,100 @@ def test_auto_layers_of_a_llama3_8b_configuration_offline(tmp_path, monkeypatch)
     f = projection_flops(4096, 14336, 4096, r_A)
     assert p["flops"]["projection"] == 5 * min(f["dense"], f["corner"])
     assert p["flops"]["forward_backward"] == 6 * 8_030_261_248 * 32 * 20
+
+
+# a ledger's JSON text is estimated (plan.LEDGER_JSON, ASSUMED["request_line_bytes"]): within this share or this many
+# bytes of what was written, whichever is larger; tensor files are counted exactly; files the plan does not count
+# (the writer's lock) must be under OTHER_BYTES each
+JSON_TOLERANCE = (0.05, 1024)
+OTHER_BYTES = 1024
+LEDGER_REQUESTS = [{"prompt": p, "target_new": t, "subject": s, "ground_truth": g, "rephrase_prompts": [f"so {p}"],
+                    "locality": [{"prompt": "the dog ran to the", "answer": "park"}], "case_id": i}
+                   for i, (p, t, s, g) in enumerate([("the cat sat on the", "rug", "cat", "mat"),
+                                                     ("we ate some", "bread", "we", "soup"),
+                                                     ("the sky is", "green", "sky", "blue"),
+                                                     ("a bird sat in the", "car", "bird", "tree")])]
+
+
+def _ledger_kind(name: str) -> str:
+    """What a ledger's file is, by its name (``plan.ledger_files``' kinds)."""
+    for prefix, kind in (("base", "base"), ("eigh-", "eigendecompositions"), ("state-", "states"),
+                         ("requests-", "requests"), ("delta.safetensors", "delta"), ("manifest.json", "manifest"),
+                         ("ledger.json", "ledger_json")):
+        if name.startswith(prefix):
+            return kind
+    return "other"
+
+
+@pytest.mark.parametrize("dtype,layers,chunk", [("float32", "1", 2), ("bfloat16", "1,2", 1)])
+def test_plan_counts_every_file_of_a_written_ledger(tmp_path, capsys, dtype, layers, chunk):
+    """`edit --ledger` of 4 requests in chunks, then every file on disk against `plan`: exact for tensors."""
+    from models import save_tiny_model
+
+    save_tiny_model(tmp_path / "model", dtype=DTYPES[dtype])
+    (tmp_path / "corpus.txt").write_text("the cat sat on the mat.\nit was a sunny day, and the dog ran.\nsome words here.\n")
+    (tmp_path / "heldout.txt").write_text("a second corpus line.\nand one more line of text.\n")
+    (tmp_path / "requests.jsonl").write_text("".join(json.dumps(r) + "\n" for r in LEDGER_REQUESTS))
+    common = ["--no-progress", "--threads", "1", "--model", str(tmp_path / "model"), "--layers", layers]
+    assert main(["curvature", *common, "--corpus", str(tmp_path / "corpus.txt"), "--labels", "empirical",
+                 "--out", str(tmp_path / "curv")]) == 0
+    assert main(["edit", *common, "--dtype", dtype, "--allow-other-checkpoint", "--requests", str(tmp_path / "requests.jsonl"),
+                 "--curvature", str(tmp_path / "curv"), "--epochs", "1", "--lr", "1e-2", "--chunk-size", str(chunk),
+                 "--heldout", str(tmp_path / "heldout.txt"), "--ledger", str(tmp_path / "L")]) == 0
+    on_disk: dict[str, int] = {}
+    for f in (tmp_path / "L").rglob("*"):
+        if f.is_file():
+            kind = _ledger_kind(f.name)
+            assert kind != "other" or f.stat().st_size < OTHER_BYTES, f
+            on_disk[kind] = on_disk.get(kind, 0) + f.stat().st_size
+    on_disk.pop("other", None)
+    line = sum(len(json.dumps({"chunk": 1, **r})) + 1 for r in LEDGER_REQUESTS) / len(LEDGER_REQUESTS)
+    p = plan(str(tmp_path / "model"), layers=layers, dtype=dtype, requests=len(LEDGER_REQUESTS), chunk_size=chunk,
+             assumed={"request_line_bytes": line})
+    files = p["ledger"]["files_all_chunks"]
+    assert p["ledger"]["chunks"] == len(LEDGER_REQUESTS) // chunk
+    assert set(files) == set(on_disk)
+    for kind in ("base", "eigendecompositions", "states", "delta"):
+        assert files[kind] == on_disk[kind], kind
+    share, floor = JSON_TOLERANCE
+    for kind in ("requests", "manifest", "ledger_json"):
+        assert abs(files[kind] - on_disk[kind]) <= max(share * on_disk[kind], floor), (kind, files[kind], on_disk[kind])
+    assert abs(p["ledger"]["total_all_chunks"] - sum(on_disk.values())) <= max(share * sum(on_disk.values()), 3 * floor)
+
+
+def test_plan_defaults_to_edit_dtype_and_counts_chunks(tmp_path, capsys):
+    model = tiny_hf("llama", layers=3, dtype=torch.float32)
+    model.config.save_pretrained(tmp_path)
+    assert main(["plan", "--model", str(tmp_path), "--json", "--requests", "70", "--chunk-size", "30"]) == 0
+    p = json.loads(capsys.readouterr().out)
+    assert p["dtype"] == "float32"  # as `edit --dtype`
+    f = p["flops"]
+    assert (f["chunks"], f["chunk_size"], f["steps_per_epoch"]) == (3, 30, 1)
+    assert f["max_steps"] == 3 * 25 and f["statistics_per_chunk"] > 0
+    assert p["ledger"]["chunks"] == 3 and p["ledger"]["total_all_chunks"] > p["ledger"]["total_one_chunk"]
+    one = plan(str(tmp_path), requests=70)
+    assert one["flops"]["chunks"] == 1 and one["flops"]["steps_per_epoch"] == 3 and one["flops"]["statistics_per_chunk"] == 0
+
+
+@pytest.mark.parametrize("command", ["plan", "inspect"])
+def test_output_into_a_closed_pipe_is_no_traceback(tmp_path, command):
+    """`crispedit plan ... | head -1`: the reader is gone before anything is written."""
+    import subprocess
+    import sys
+
+    model = tiny_hf("llama", layers=3, dtype=torch.float32, std=0.1)
+    model.config.save_pretrained(tmp_path)
+    if command == "inspect":
+        modules = find_modules(model, [1])
+        from crispedit.curvature import save
+
+        save(collect(model, modules, CORPUS, labels="sampled"), tmp_path / "curv")
+    argv = ["plan", "--model", str(tmp_path)] if command == "plan" else ["inspect", "--json", "--curvature", str(tmp_path / "curv")]
+    proc = subprocess.Popen([sys.executable, "-m", "crispedit", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # as `head` does once it has its line
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 1
+    assert "Traceback" not in err and "BrokenPipe" not in err and "Exception ignored" not in err, err
 
 
 def test_removed_fractions_are_the_measured_ones():
@@ -116,8 +210,8 @@ def test_cli_plan_prints_every_part(tmp_path, capsys):
     assert main(["plan", "--model", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     for word in ("model weights", "eigenvectors", "masters", "adam moments", "base copy", "statistics", "edit step",
-                 "evaluation", "flops per optimiser step", "projection (estimate", "base.safetensors",
-                 "state per chunk", "snapshot per chunk"):
+                 "evaluation", "flops per optimiser step", "projection (estimate", "base tensors",
+                 "eigendecompositions", "state per chunk", "snapshot per chunk", "after one chunk"):
         assert word in out, word
     assert main(["plan", "--model", str(tmp_path), "--json", "--requests", "10", "--gamma", "0.5"]) == 0
     p = json.loads(capsys.readouterr().out)

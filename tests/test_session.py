@@ -15,7 +15,7 @@ from crispedit.editor import build_projectors, edit, eigenbases
 from crispedit.layers import find_modules
 from crispedit.options import MethodOptions
 from crispedit.requests import EditRequest
-from crispedit.session import EDITS, EditSession, SessionError, edit_documents
+from crispedit.session import EDITS, EditSession, SessionError, edit_documents, ledger_state_bytes
 from models import char_tokenizer, tiny_hf
 
 TOK = char_tokenizer()
@@ -109,8 +109,8 @@ def test_the_budget_is_never_exceeded_and_a_spent_budget_stops(monkeypatch):
     seen = []
     project = CapabilityBudget.__call__
 
-    def watched(self, masters):  # the predicted drift after every optimiser step
-        project(self, masters)
+    def watched(self, masters, weights=None):  # the predicted drift after every optimiser step
+        project(self, masters, weights)
         seen.append(self.predicted(masters))
 
     monkeypatch.setattr(CapabilityBudget, "__call__", watched)
@@ -194,16 +194,16 @@ def _run(tmp_path, files, options, ledger_dir=None, resume=None, dtype=torch.flo
     """Edit the request lists in ``files`` in order, chunk by chunk, optionally saving a ledger."""
     if resume is not None:
         model, modules = _model(dtype)
-        session = ledger.load(resume, model, TOK, modules)
+        session = EditSession.load(resume, model, TOK, modules)
     else:
         model, modules = _model(dtype)
         stats = collect(model, modules, CORPUS, labels="sampled")
         session = EditSession.start(model, TOK, modules, options, stats, CORPUS)
         if ledger_dir is not None:
-            ledger.save(session, ledger_dir, "tiny")
+            session.save(ledger_dir, "tiny")
     target = ledger_dir or resume
     for reqs in files:
-        session.edit_all(reqs, options.chunk_size, on_chunk=(lambda s, r: ledger.save(s, target, "tiny")) if target else None)
+        session.edit_all(reqs, options.chunk_size, on_chunk=(lambda s, r: s.save(target, "tiny")) if target else None)
     return session
 
 
@@ -228,7 +228,7 @@ def test_revert_restores_the_state_after_a_chunk_exactly(tmp_path):
     info = ledger.revert(tmp_path / "L", 2)
     assert len(info["chunks"]) == 2 and info["reverted"][0]["to"] == 2 and len(info["reverted"][0]["chunks"]) == 1
     model, modules = _model()
-    back = ledger.load(tmp_path / "L", model, TOK, modules)
+    back = EditSession.load(tmp_path / "L", model, TOK, modules)
     assert all(torch.equal(back.modules[n].weight, after_two.modules[n].weight) for n in modules)
     # and continuing from there equals continuing the two-chunk run
     after_two.edit(REQUESTS[6:9])
@@ -254,10 +254,10 @@ def test_bad_ledgers(tmp_path):
     _run(tmp_path, [REQUESTS[:3]], o, ledger_dir=tmp_path / "L")
     model, _ = _model()
     with pytest.raises(ledger.LedgerError, match="this run edits"):
-        ledger.load(tmp_path / "L", model, TOK, find_modules(model, [0]))
+        EditSession.load(tmp_path / "L", model, TOK, find_modules(model, [0]))
     other, modules = _model(seed=3)
     with pytest.raises(ledger.LedgerError, match="neither the ledger's base"):
-        ledger.load(tmp_path / "L", other, TOK, modules)
+        EditSession.load(tmp_path / "L", other, TOK, modules)
     info = json.loads((tmp_path / "L" / "ledger.json").read_text())
     (tmp_path / "L" / "ledger.json").write_text(json.dumps({k: v for k, v in info.items() if k != "current"}))
     with pytest.raises(ledger.LedgerError, match="lacks 'current'"):
@@ -273,7 +273,7 @@ def test_a_crash_in_a_chunk_leaves_the_ledger_as_it_was(tmp_path, monkeypatch):
     o = MethodOptions(lr=1e-2, epochs=1, batch_size=2, chunk_size=3)
     _run(tmp_path, [REQUESTS[:3]], o, ledger_dir=tmp_path / "L")
     model, modules = _model()
-    session = ledger.load(tmp_path / "L", model, TOK, modules)  # (may add eigendecomposition cache files)
+    session = EditSession.load(tmp_path / "L", model, TOK, modules)  # (may add eigendecomposition cache files)
     before = {p.name: p.read_bytes() for p in (tmp_path / "L").iterdir() if p.is_file()}
 
     def boom(*a, **k):
@@ -281,7 +281,7 @@ def test_a_crash_in_a_chunk_leaves_the_ledger_as_it_was(tmp_path, monkeypatch):
 
     monkeypatch.setattr("crispedit.session.run_epochs", boom)
     with pytest.raises(RuntimeError):
-        session.edit_all(REQUESTS[3:6], 3, on_chunk=lambda s, r: ledger.save(s, tmp_path / "L"))
+        session.edit_all(REQUESTS[3:6], 3, on_chunk=lambda s, r: s.save(tmp_path / "L"))
     after = {p.name: p.read_bytes() for p in (tmp_path / "L").iterdir() if p.is_file()}
     assert after == before
 
@@ -328,15 +328,112 @@ def test_snapshot_size_is_counted_for_the_history_not_its_empty_start():
     from torch import nn
 
     session, _ = _session(lr=1e-2, epochs=1)
-    counted = ledger.snapshot_bytes(session)  # at the start, before anything of it exists
+    counted = ledger_state_bytes(session)  # at the start, before anything of it exists
     session.edit(REQUESTS[:4])
-    tensors, _ = ledger.state_tensors(session)
+    tensors, _ = session.state_tensors()
     # exactly the state file after a chunk: float64 model, so ΔW, W itself and Adam's moments in float64
     assert counted == sum(t.numel() * t.element_size() for t in tensors.values())
     big = {f"model.layers.{i}.mlp.down_proj": nn.Linear(14336, 4096, bias=False, device="meta", dtype=torch.bfloat16)
            for i in range(19, 24)}
     at_8b = types.SimpleNamespace(modules=big, state=object(), options=MethodOptions())
     w = 5 * 4096 * 14336
-    assert ledger.snapshot_bytes(at_8b) == w * 4 + 2 * 4 * w + 4 * w + 4 * 5 * (14336 ** 2 + 4096 ** 2)
-    assert ledger.snapshot_bytes(at_8b) == pytest.approx(9.14e9, rel=1e-3)
-    assert ledger.snapshot_bytes(at_8b) > ledger.SNAPSHOT_AUTO_BYTES
+    assert ledger_state_bytes(at_8b) == w * 4 + 2 * 4 * w + 4 * w + 4 * 5 * (14336 ** 2 + 4096 ** 2)
+    assert ledger_state_bytes(at_8b) == pytest.approx(9.14e9, rel=1e-3)
+    assert ledger_state_bytes(at_8b) > ledger.SNAPSHOT_AUTO_BYTES
+
+
+# ---------------------------------------------------------------------------------------------
+# what protects a long history: accumulated sums, mix, rehearsal, the capability share
+
+
+def test_the_edits_sums_accumulate_every_chunk_at_its_own_weights():
+    """After three chunks the ``edits`` source is the sum of each chunk's K-FAC sums taken at the
+    weights that chunk left (not the last chunk's alone)."""
+    session, _ = _session(lr=1e-2, epochs=2, batch_size=4)
+    at = []
+    session.edit_all(REQUESTS[:9], 3, on_chunk=lambda s, r: at.append(_weights(s)))
+    session.flush_statistics()
+    model, modules = _model()
+    expected_A = {n: 0 for n in modules}
+    tokens = 0
+    for k, weights in enumerate(at):
+        with torch.no_grad():
+            for n, m in modules.items():
+                m.weight.copy_(weights[n])
+        part = collect(model, modules, edit_documents(TOK, REQUESTS[3 * k : 3 * k + 3]), labels="sampled")
+        n0 = next(iter(modules))
+        tokens += part.tokens[n0]
+        for n in modules:
+            expected_A[n] = expected_A[n] + part.A[n] * part.tokens[n]
+    assert session.sources[EDITS].tokens == tokens
+    for n in modules:
+        torch.testing.assert_close(session.sources[EDITS].A[n], expected_A[n], rtol=FLOAT32_TOL, atol=0)
+
+
+def test_mix_builds_the_projectors_from_the_capability_corpus_and_a_seeded_sample_at_the_current_weights():
+    session, _ = _session(lr=1e-2, epochs=2, batch_size=4, protect_edits="mix", mix_sample=3, edit_weight=2.0)
+    session.edit_all(REQUESTS[:8], chunk_size=4)
+    session.rebuild(force=True)  # as before a third chunk
+    import random
+
+    rng = random.Random(f"{session.options.seed}-mix-2")
+    sample = rng.sample([r for _, r in session.requests], 3)
+    model, modules = session.model, session.modules
+    cap = collect(model, modules, CORPUS, labels="sampled")
+    edits = collect(model, modules, edit_documents(TOK, sample), labels="sampled")
+    n = next(iter(modules))
+    Nc, Ne = cap.tokens[n], edits.tokens[n]
+    A = (cap.A[n] * Nc + 2.0 * edits.A[n] * Ne) / (Nc + 2.0 * Ne)
+    G = (cap.G[n] * Nc + 2.0 * edits.G[n] * Ne) / (Nc + 2.0 * Ne)
+    want = build_projectors(eigenbases(type(cap)({n: A}, {n: G}, {n: Nc}, {})), "crispedit", 0.8, torch.float64)[n]
+    assert torch.equal(session.projectors[n].mask, want.mask)
+    torch.testing.assert_close(session.eig[n][0].values, want.A.values, rtol=1e-5, atol=1e-12)
+
+
+def test_a_forgotten_edit_is_rehearsed_once_and_recovers():
+    """Chunk 2 makes the tiny model forget chunk 1 in part; chunk 3 finds and rehearses the forgotten
+    edits with its own, lists them once and takes the statistics of its own requests only; after it
+    they hold again."""
+    session, _ = _session(lr=1e-1, epochs=60, batch_size=4, gamma=0.3, rehearse="all", loss_threshold=1e-3)
+    assert "rehearsal" not in session.edit(REQUESTS[:2])  # nothing to check before the first chunk
+    second = session.edit(REQUESTS[2:4])
+    assert second["rehearsal"] == {"checked": 2, "forgotten": 0, "rehearsed": 0, "recovered": None, "ids": []}
+    session.flush_statistics()
+    tokens = session.sources[EDITS].tokens
+    third = session.edit(REQUESTS[4:6])
+    r = third["rehearsal"]
+    assert r["checked"] == 4 and r["forgotten"] == r["rehearsed"] == len(r["ids"]) >= 2
+    assert [x for _, x in session.requests] == REQUESTS[:6]  # the rehearsed ones listed once
+    session.flush_statistics()
+    assert session.sources[EDITS].tokens - tokens == sum(len(d) - 1 for d in edit_documents(TOK, REQUESTS[4:6]))
+    fourth = session.edit(REQUESTS[6:8])
+    assert session.history[2]["rehearsal"]["recovered"] == r["rehearsed"]  # all hold after the chunk that rehearsed them
+    assert fourth["rehearsal"]["checked"] == 6
+    capped, _ = _session(lr=1e-1, epochs=60, batch_size=4, gamma=0.3, rehearse="1", loss_threshold=1e-3)
+    capped.edit_all(REQUESTS[:6], 2)
+    assert capped.history[2]["rehearsal"]["rehearsed"] == 1 < capped.history[2]["rehearsal"]["forgotten"]
+
+
+def test_the_capability_share_floor_weights_the_corpus_up():
+    session, stats = _session(lr=1e-2, epochs=2, batch_size=4, edit_weight=50.0, capability_share=0.5)
+    session.edit_all(REQUESTS[:8], 4)
+    session.flush_statistics()
+    raw = session.capability_share()
+    assert raw < 0.5  # 50 × the edit tokens outweigh the corpus
+    assert session.capability_share(floored=True) == pytest.approx(0.5, rel=1e-12)
+    n = next(iter(session.modules))
+    cap, ed = session.sources["capability"], session.sources[EDITS]
+    w = 0.5 / 0.5 * 50.0 * ed.tokens / cap.tokens
+    expected = (w * cap.A[n] + 50.0 * ed.A[n]) / (w * cap.tokens + 50.0 * ed.tokens)
+    torch.testing.assert_close(session.protected_factors().A[n], expected, rtol=FLOAT32_TOL, atol=0)
+    assert session.history[-1]["capability_share_floored"] == pytest.approx(0.5, rel=1e-12)
+    free, _ = _session(lr=1e-2, epochs=2, batch_size=4, edit_weight=50.0)
+    assert free.capability_share() == pytest.approx(1.0)  # nothing edited yet
+
+
+def test_a_chunk_that_moves_a_matrix_far_says_so():
+    session, _ = _session(lr=5e-2, epochs=10, batch_size=4, method="ft", loss_threshold=0.0, warn_change=1e-3)
+    record = session.edit(REQUESTS[:4])
+    assert record["warnings"] and "--warn-change 0.001" in record["warnings"][0]
+    quiet, _ = _session(lr=1e-3, epochs=2, batch_size=4, method="ft", loss_threshold=0.0)
+    assert "warnings" not in quiet.edit(REQUESTS[:4])

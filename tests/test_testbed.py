@@ -1,6 +1,7 @@
 """The testbed builder's fact selection and the benchmark's bookkeeping (benchmarks/)."""
 
 import json
+import random
 import sys
 from pathlib import Path
 
@@ -120,3 +121,49 @@ def test_unfinished_sequential_runs_report_their_ledgers_history(tmp_path):
     out = unfinished(tb, [done, running, batch], a)
     assert [r["method"] for r in out] == [running["method"]] and out[0]["chunks_done"] == 2 and out[0]["edited"] == 200
     assert [(p["edits"], p["reliability"], p["heldout_kl"]) for p in out[0]["history"]] == [(200, 0.5, 0.1)]
+
+
+def test_build_resumes_from_its_checkpoint_to_the_uninterrupted_weights(tmp_path):
+    """A build killed after its checkpoint at step 4 and run again ends in the weights of one that never stopped."""
+    from types import SimpleNamespace
+
+    import torch
+    from build_testbed import model_config, train, train_tokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    sentences = [f"The capital of country {i} is city {i * 7 % 13}." for i in range(40)]
+    tok = train_tokenizer(sentences, 300)
+    tok.save_pretrained(str(tmp_path / "tok"))
+    stream = torch.tensor([t for s in sentences * 30 for t in tok(s)["input_ids"]])
+    a = SimpleNamespace(steps=9, text_batch=1, fact_batch=6, lr=3e-3, weight_decay=0.1, seed=0)
+    eval_sets = {"train": sentences[:3], "heldout": sentences[3:6]}
+
+    def build(checkpoint, stop_after=None, fresh=True):
+        if fresh:
+            torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), **model_config(1, 16, 32, 2)))
+        rng = random.Random(0)
+        log, _, _ = train(model, tok, stream, sentences, a, rng, eval_sets, checkpoint, every=4, stop_after=stop_after)
+        return model, log
+
+    whole, _ = build(None)
+    ckpt = tmp_path / "checkpoint.pt"
+    build(ckpt, stop_after=6)  # killed in step 7: the checkpoint holds step 4
+    assert torch.load(ckpt, weights_only=False)["step"] == 4
+    torch.manual_seed(123)  # whatever the random state of the new process
+    resumed, log = build(ckpt, fresh=False)
+    assert {"resumed_at": 4} in log
+    for (name, p), q in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(p, q), name
+    other = SimpleNamespace(**{**vars(a), "lr": 1e-3})
+    with pytest.raises(SystemExit, match="checkpoint of another build"):
+        train(LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), **model_config(1, 16, 32, 2))), tok, stream, sentences,
+              other, random.Random(0), eval_sets, ckpt)
+
+
+def test_edit_blocks_placed_as_at_8b():
+    from build_testbed import edit_blocks
+
+    assert edit_blocks(32) == {"crispedit": [19, 20, 21, 22, 23], "closed_form": [4, 5, 6, 7, 8]}
+    assert edit_blocks(8) == {"crispedit": [5, 6], "closed_form": [1, 2]}
+    assert edit_blocks(4) == {"crispedit": [0, 1, 2, 3], "closed_form": [0, 1]}  # v1 as it was measured
