@@ -2,7 +2,7 @@
 CounterFact/WikiText testbed, in one batch and chunk after chunk; and on stories260K.
 
     python benchmarks/build_testbed.py                  # once: ~/.cache/crispedit/testbeds/...
-    python benchmarks/bench_testbed.py [--testbed DIR] [--only batch|sequential|weights|stories]
+    python benchmarks/bench_testbed.py [--testbed DIR] [--only batch|sequential|weights|recipe|rehearse|confirm|protect|stories]
 
 Every run goes through ``crispedit.session.EditSession`` (the pipeline of ``crispedit edit``).
 
@@ -34,7 +34,14 @@ the texts, the others from the cache (two processes can split a grid; a last ``-
 writes it whole).
 
 ``--only weights``: the choice of the default ``--edit-weight`` (CrispEdit sequential at 1,000 edits in
-chunks of 100 with several weights).
+chunks of 100 with several weights). ``--only recipe``: the authors' sequential recipe (gamma 0.999,
+30 capability documents, edit weight 1, ``mix``) and variants of it, at 1,000 edits. ``--only
+rehearse``: rehearsal (all, 50 oldest / most-forgotten first) and a capability-share floor on the
+``--base`` settings at 1,000 edits. ``--only confirm``: the best of those at 3,000 edits, beside the
+same edits in one batch (the time ratio). ``--only protect``: 1,000 known unedited facts protected
+(``--protect``) or not, the others scored. On a testbed built with its edited blocks placed as at
+LLaMA-3-8B (``build.json``'s ``edit_blocks``), ``batch`` and ``sequential`` run ``grid_v2`` and
+``sequential_grid_v2`` instead.
 
 Each run is cached under ``--cache`` by (testbed hash, its spec, version), with its per-request rows,
 so an interrupted benchmark resumes. The committed results file holds aggregates only.
@@ -64,7 +71,7 @@ from crispedit.evaluate import known_facts_filter, metric, prepare_reference  # 
 from crispedit.history import HistoryProbe  # noqa: E402
 from crispedit.layers import find_modules  # noqa: E402
 from crispedit.model import load_model  # noqa: E402
-from crispedit.options import MethodOptions  # noqa: E402
+from crispedit.options import CHUNKED_DEFAULTS, MethodOptions  # noqa: E402
 from crispedit.requests import EditRequest, read_requests  # noqa: E402
 from crispedit.session import EditSession  # noqa: E402
 
@@ -119,7 +126,7 @@ def grid(n_small: int, n_large: int | None, all_blocks: list[int]) -> list[dict]
 def grid_v2(n: int, blocks: dict[str, list[int]]) -> list[dict]:
     """The batch runs on a testbed whose blocks are placed as at LLaMA-3-8B (``build.json``'s
     ``edit_blocks``): every method at its own blocks, each family at the other's, MEMIT's λ at three
-    values, and the same methods at ``LOAD_EDITS``."""
+    values; the same at ``LOAD_EDITS`` (there AlphaEdit too at each λ)."""
     cb, fb = blocks["crispedit"], blocks["closed_form"]
     runs = [spec("ft", n), spec("crispedit", n, 0.8), spec("crispedit", n, 0.9), spec("nullspace", n, 0.8)]
     for st in ({}, {"settings": "easyedit"}):
@@ -129,13 +136,17 @@ def grid_v2(n: int, blocks: dict[str, list[int]]) -> list[dict]:
     runs += [spec(m, n, layers=cb, settings="easyedit") for m in ("memit", "alphaedit")]
     runs += [spec("crispedit", LOAD_EDITS, 0.8), spec("ft", LOAD_EDITS)]
     runs += [spec(m, LOAD_EDITS, layers=fb, **st) for st in ({}, {"settings": "easyedit"}) for m in ("memit", "alphaedit")]
+    runs += [spec(m, LOAD_EDITS, layers=fb, settings="easyedit", lam=lam) for lam in LAMBDAS for m in ("memit", "alphaedit")]
+    runs += [spec("crispedit", LOAD_EDITS, 0.8, layers=fb)]
+    runs += [spec(m, LOAD_EDITS, layers=cb, settings="easyedit") for m in ("memit", "alphaedit")]
     return runs
 
 
 def sequential_grid_v2(n: int, blocks: dict[str, list[int]], base: dict, chunk: int = CHUNK) -> list[dict]:
-    """Chunked runs on a deeper testbed: CrispEdit with the chunked defaults, ft, AlphaEdit."""
+    """Chunked runs on a deeper testbed: CrispEdit with the chunked defaults (``CHUNKED_DEFAULTS``), ft
+    (rehearsing, as chunked ft does by default), AlphaEdit."""
     seq = dict(chunk_size=chunk)
-    return [spec("crispedit", n, **seq, **base), spec("ft", n, **seq),
+    return [spec("crispedit", n, **seq, **{**CHUNKED_DEFAULTS, **base}), spec("ft", n, **seq, rehearse="all"),
             spec("alphaedit", n, layers=blocks["closed_form"], settings="easyedit", **seq)]
 
 
@@ -183,12 +194,21 @@ def recipe_grid(n: int, chunk: int = CHUNK) -> list[dict]:
 
 
 def rehearse_grid(n: int, base: dict, chunk: int = CHUNK) -> list[dict]:
-    """Rehearsal (all, or 50 per chunk oldest / most-forgotten first) and a capability-share floor on ``base``."""
+    """Rehearsal (all, or 50 per chunk oldest / most-forgotten first), a capability-share floor, and
+    both (the chunked defaults), on ``base``."""
     seq = dict(chunk_size=chunk, **base)
     return [spec("crispedit", n, **seq, rehearse="all"),
             spec("crispedit", n, **seq, rehearse="50", rehearse_order="oldest"),
             spec("crispedit", n, **seq, rehearse="50", rehearse_order="most-forgotten"),
-            spec("crispedit", n, **seq, capability_share=0.5)]
+            spec("crispedit", n, **seq, capability_share=0.5),
+            spec("crispedit", n, **seq, rehearse="all", capability_share=0.5)]
+
+
+def confirm_grid(n: int, base: dict, chunk: int = CHUNK) -> list[dict]:
+    """The best chunked settings at 1,000 edits, confirmed at ``n``: rehearsal, with and without a
+    capability-share floor."""
+    seq = dict(chunk_size=chunk, **base, rehearse="all")
+    return [spec("crispedit", n, **seq), spec("crispedit", n, **seq, capability_share=0.5)]
 
 
 def protect_grid(n_batch: int, n_seq: int, base: dict, split: int = 1000, chunk: int = CHUNK) -> list[dict]:
@@ -425,10 +445,12 @@ def run(tb: Testbed, s: dict, a) -> dict:
     w0, c0 = time.perf_counter(), cpu_seconds()
     requests = tb.usable[:n]
     shared = None  # MEMIT's targets, when this is the AlphaEdit batch run right after it
+    resumed_after = 0  # chunks a previous process made (its CPU time is not in this run's seconds)
     if s.get("chunk_size"):
         ledger = ledger_dir(tb, s)
         if (ledger / "ledger.json").exists():  # resume an interrupted run
             session = EditSession.load(ledger, tb.model, tb.tok, tb.modules(s.get("layers", tb.blocks["crispedit"])))
+            resumed_after = len(session.history)
         else:
             session = tb.session(s, options)
             session.save(ledger, str(tb.path), snapshot_every=0)
@@ -459,10 +481,16 @@ def run(tb: Testbed, s: dict, a) -> dict:
     seconds = {"edit_wall": edit_wall, "edit_cpu": edit_cpu, "total_wall": time.perf_counter() - w0,
                "total_cpu": cpu_seconds() - c0}
     row = row_of(s, session, after, ref, seconds)  # (the drift of the edited weights: before the base is back)
+    row["resumed_after_chunk"] = resumed_after
     if s.get("known_split"):
         row["update_energy_in_protected_inputs"] = protected_energy(tb, session, s["known_split"])
     if s["method"] in ("memit", "alphaedit"):
         probs = [r["target_probability"] for r in session.history]
+        layers = [lay for r in session.history for lay in (r.get("layers") or {}).values() if isinstance(lay, dict)]
+        shares = [lay["key_share_mean"] for lay in layers if lay.get("key_share_mean") is not None]
+        s_med = [lay["s_median"] for lay in layers if lay.get("s_median") is not None]
+        row.update(key_share_mean=sum(shares) / len(shares) if shares else None,  # share of each residual the solves realise
+                   s_median=sorted(s_med)[len(s_med) // 2] if s_med else None)  # s = kᵀ(λC)⁻¹k, median over layers and chunks
         row.update(target_probability=sum(probs) / len(probs),  # the mean over chunks of their mean P(target)
                    targets_seconds=sum(r.get("seconds_targets", 0.0) for r in session.history),
                    targets_from_memit=shared is not None)
@@ -538,7 +566,7 @@ def main() -> None:
     ap.add_argument("--eval-every", type=int, default=5, help="sequential runs: score the history every K chunks")
     ap.add_argument("--eval-sample", type=int, default=500, help="sequential runs: edits scored per evaluation")
     ap.add_argument("--only", nargs="+", default=["batch", "weights", "sequential", "stories"],
-                    choices=["batch", "weights", "sequential", "stories", "recipe", "rehearse", "protect"])
+                    choices=["batch", "weights", "sequential", "stories", "recipe", "rehearse", "confirm", "protect"])
     ap.add_argument("--base", default=json.dumps(SEQUENTIAL_BASE),
                     help="JSON: the chunked CrispEdit settings the rehearse and protect grids build on")
     a = ap.parse_args()
@@ -607,6 +635,17 @@ def main() -> None:
                                 "time": [time_ratio_of(r, batch) for r in rows] if batch else None}
         write_results(results, out)
         print(table(rows))
+    if "confirm" in a.only and tb.n_large:
+        rows = run_all(tb, confirm_grid(tb.n_large, base, a.chunk), a)
+        batch = run_all(tb, [spec("crispedit", tb.n_large, 0.8)], a)  # the same edits in one batch: the time ratio
+        results["confirmed"] = {"base": base, "rows": rows, "batch": batch,
+                                "time": [time_ratio_of(r, batch[0]) for r in rows] if batch else None,
+                                "flops_8b": flops_ratio_8b(a.chunk, tb.n_large)}
+        write_results(results, out)
+        print(table(rows + batch))
+        earlier = [r for r in (results.get("sequential_earlier_build") or {}).get("rows", [])  # the same weights
+                   if r["method"] in ("crispedit", "ft") and r["n"] == tb.n_large and not r.get("budget")]
+        plot_history(earlier + rows, Path(a.plot).with_name(Path(a.plot).stem + "-sequential.png"), a.chunk)
     if "protect" in a.only and tb.n_large:
         rows = run_all(tb, protect_grid(tb.n_small, tb.n_large, base, chunk=a.chunk), a)
         results["protect_known"] = {"base": base, "rows": rows}
@@ -636,7 +675,9 @@ def time_ratio_of(s: dict, b: dict) -> dict:
     parts = {"edit": s["edit_seconds"], "statistics": s["statistics_seconds"], "eigh_and_rebuild": s["rebuild_seconds"],
              "rehearsal_check": (s.get("rehearsal") or {}).get("check_seconds", 0.0)}
     return {"run": family(s), "n": s["n"], "batch_n": b["n"], "sequential_parts_s": parts,
-            "batch_wall_s": b["seconds"]["edit_wall"], "ratio_wall": sum(parts.values()) / b["seconds"]["edit_wall"]}
+            "batch_wall_s": b["seconds"]["edit_wall"], "ratio_wall": sum(parts.values()) / b["seconds"]["edit_wall"],
+            # a run resumed by another process: its chunks ran under different loads (a noisier ratio)
+            "resumed_after_chunk": s.get("resumed_after_chunk")}
 
 
 def time_ratio(seq: list[dict], batch: list[dict]) -> dict:
@@ -655,10 +696,14 @@ def time_ratio(seq: list[dict], batch: list[dict]) -> dict:
             "note": "a chunk's statistics seconds are recorded on it from version 0.2.0's fix on (0 in runs made before)"}
 
 
-def flops_ratio_8b(chunk: int, n: int, tokens_per_request: int = 20, epochs_per_chunk: float = 12.0) -> dict:
+def flops_ratio_8b(chunk: int, n: int, tokens_per_request: int = 20, epochs_per_chunk: float = 12.0,
+                   rehearsed_extra_steps: float = 2843 / 2728 - 1) -> dict:
     """The same ratio estimated by counted flops at LLaMA-3-8B shapes (layers 19-23, bf16 forward and
-    backward, fp32 eigendecompositions), with what ``--rebuild-every K`` saves. Assumptions are returned
-    with the figures."""
+    backward, fp32 eigendecompositions), with what ``--rebuild-every K`` saves, and with rehearsal: its
+    check (one forward over every earlier edit's prompt and target before each chunk) and the steps
+    the rehearsed edits add (``rehearsed_extra_steps``: measured on the testbed at 3,000 edits in chunks
+    of 100, 2,843 steps with ``--rehearse all`` against 2,728 without). Assumptions are returned with
+    the figures."""
     params = 8.03e9
     d_in, d_out, layers = 14336, 4096, 5
     step = 6 * params * 32 * tokens_per_request  # one optimiser step on 32 requests
@@ -672,6 +717,10 @@ def flops_ratio_8b(chunk: int, n: int, tokens_per_request: int = 20, epochs_per_
     for k in (1, 5, 10):
         extra = chunks * stats + (chunks / k) * eigh
         out[f"rebuild_every_{k}"] = (batch + extra) / batch
+    check = sum(2 * params * tokens_per_request * chunk * k for k in range(chunks))  # chunk k checks k·chunk edits
+    out["assumptions"]["rehearsed_extra_steps"] = rehearsed_extra_steps
+    out["rehearsal_check_over_batch"] = check / batch
+    out["rehearse_all_rebuild_every_1"] = (batch * (1 + rehearsed_extra_steps) + chunks * stats + chunks * eigh + check) / batch
     return out
 
 
@@ -719,7 +768,8 @@ def known_lost(r: dict) -> float:
 
 
 COLOURS = {"crispedit": "tab:blue", "nullspace": "tab:green", "ft": "tab:red", "crispedit projected-step": "tab:cyan",
-           "memit": "tab:orange", "alphaedit": "tab:purple"}
+           "memit": "tab:orange", "alphaedit": "tab:purple", "crispedit seq rehearse": "tab:olive",
+           "crispedit seq rehearse all share": "tab:brown"}
 
 
 def _colour(f: str) -> str:
@@ -787,17 +837,22 @@ def plot_history(rows: list[dict], path: Path, chunk: int = CHUNK) -> None:
     metrics = [("reliability", "reliability, all edits so far"), ("first_chunk_reliability", "reliability, first chunk"),
                ("known_facts_accuracy", "known unedited facts"), ("heldout_kl", "held-out KL (nats/token)")]
     fig, axes = plt.subplots(1, len(metrics), figsize=(17, 4))
+    # the variants of one method apart: its colour, then a marker each (rehearsal ■, a capability-share floor ◆)
+    markers = {r_id: ("D" if r.get("capability_share") else "s" if r.get("rehearse") not in (None, "none") else "o")
+               for r_id, r in enumerate(rows)}
     for ax, (key, label) in zip(axes, metrics):
-        for r in rows:
+        for r_id, r in enumerate(rows):
             h = [p for p in r.get("history", []) if p.get(key) is not None]
             style = "--" if r.get("budget") or r.get("protect_edits") == "mix" or r.get("refresh_drift") else "-"
-            ax.plot([p["edits"] for p in h], [p[key] for p in h], style, marker="o", markersize=3,
+            ax.plot([p["edits"] for p in h], [p[key] for p in h], style, marker=markers[r_id], markersize=4,
                     color=_colour(family(r)),
                     label=f"{family(r)} ({r['edited']} of {r['n']}, unfinished)" if "chunks_done" in r else f"{family(r)} ({r['n']})")
         ax.set_xlabel("edits made")
         ax.set_title(label, fontsize=9)
         if key == "heldout_kl":
             ax.set_yscale("log")
+        else:
+            ax.set_ylim(0, 1.02)  # shares: from zero
     axes[0].legend(fontsize=6, loc="lower left")
     fig.suptitle(f"CounterFact/WikiText testbed: sequential editing in chunks of {chunk}")
     fig.tight_layout()

@@ -20,9 +20,9 @@ import time
 from pathlib import Path
 
 from . import __version__
-from .options import (CLOSED_FORM_METHODS, CurvatureOptions, DeltaOptions, DemoOptions, EditOptions, EvaluateOptions,
-                      InspectOptions, LogOptions, MergeOptions, MethodOptions, OptionError, PlanOptions, RevertOptions,
-                      coerce, field_type, flag, method_options, validate)
+from .options import (CHUNKED_DEFAULTS, CLOSED_FORM_METHODS, GRADIENT_METHODS, CurvatureOptions, DeltaOptions,
+                      DemoOptions, EditOptions, EvaluateOptions, InspectOptions, LogOptions, MergeOptions, MethodOptions,
+                      OptionError, PlanOptions, RevertOptions, coerce, field_type, flag, method_options, validate)
 
 COMMANDS = {
     "curvature": (CurvatureOptions, "collect K-FAC statistics (A, G) of a capability corpus"),
@@ -374,7 +374,7 @@ def _check_method_options(o: EditOptions, given: set) -> None:
     for name in ("edit_weight", "capability_share"):
         if o.method == "ft" and name in given:
             raise UsageError(f"{flag(name)} does not apply to --method ft (it uses no projector)")
-    if "rehearse_order" in given and o.rehearse is None:
+    if "rehearse_order" in given and o.rehearse in (None, "none"):
         raise UsageError("--rehearse-order applies with --rehearse")
     if o.protect_edits != "mix" and "mix_sample" in given:
         raise UsageError("--mix-sample applies to --protect-edits mix only")
@@ -569,6 +569,11 @@ def _edit(o: EditOptions, given: set, info: dict | None, continuing: bool, locks
     from .saving import check_out, file_hash, save_edit
     from .session import EditSession
 
+    chunked = o.chunk_size is not None or len(o.requests) > 1 or info is not None
+    lifelong = chunked or bool(o.ledger)  # a new ledger is a history to be continued: chunked from its start
+    if lifelong and info is None and o.method in GRADIENT_METHODS:  # a resumed ledger keeps its own options
+        o = dataclasses.replace(o, **{k: v for k, v in CHUNKED_DEFAULTS.items()
+                                      if k not in given and not (o.method == "ft" and k == "capability_share")})
     _check_method_options(o, given)
     if not o.model:
         raise UsageError("--model is required (on the command line or in --config)")
@@ -682,7 +687,6 @@ def _edit(o: EditOptions, given: set, info: dict | None, continuing: bool, locks
         return 0
     # 5. what the edit is scored against, measured once on the base
     ref = session.reference(requests, o.template, heldout, corpus, known) if o.evaluate else None
-    chunked = o.chunk_size is not None or len(files) > 1 or info is not None
     probe = HistoryProbe(tok, ref.known_facts if ref else [], heldout, o.eval_sample, o.seed, o.template) \
         if o.evaluate and chunked else None
     target = o.ledger or o.resume

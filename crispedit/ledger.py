@@ -95,6 +95,10 @@ class WriterLock:
             os.close(fd)
             raise LedgerError(_where(self.directory, f"another process is writing it ({_holder(path)}); wait for it "
                                                      "to finish, or stop it, and run this again")) from None
+        except OSError as e:  # a filesystem without locks (some network mounts): refuse rather than run unlocked
+            os.close(fd)
+            raise LedgerError(_where(self.directory, f"cannot lock {LOCK} ({e.strerror}); this filesystem does not "
+                                                     "support file locks: keep the ledger on a local disk")) from None
         previous = os.read(fd, 4096).decode(errors="replace").strip()
         if previous:
             self.took_over = _describe_holder(previous)

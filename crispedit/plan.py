@@ -65,6 +65,9 @@ ASSUMED = {
     # a line of requests-K.jsonl: 316 bytes on average over the first 3,000 records of counterfact-edit-8k
     # (prompt, target, subject, true answer, one rephrase, one neighbour, case id)
     "request_line_bytes": 316,
+    # edits rehearsed per chunk after the first, as a share of the chunk: 1,192 over chunks 2-30 of 100 on the
+    # CounterFact testbed with the chunked defaults (benchmarks/results/testbed-sequential.json, "confirmed")
+    "rehearsed_share": 0.41,
 }
 
 # The JSON text of a ledger, estimated (bytes; fitted on ledgers of 1 and 2 modules, 2 and 4 chunks, of the tiny
@@ -72,7 +75,10 @@ ASSUMED = {
 # options, per chunk record (steps, losses, times, the evaluation; its drift per module) and per state entry (the
 # current state and every snapshot: file names, hashes, the optimiser's steps per module). Module names count on
 # top, once per part that names them. manifest.json: a fixed part, the options and the module names.
-LEDGER_JSON = {"fixed": 2080, "chunk": 1250, "chunk_per_module": 160, "entry": 600, "entry_per_module": 16}
+LEDGER_JSON = {"fixed": 2080, "chunk": 1250, "chunk_per_module": 160, "entry": 600, "entry_per_module": 16,
+               # with the chunked defaults (rehearsal, a capability-share floor): per chunk, the floored share and
+               # the check's time; per chunk after the first, the rehearsal record and one line per rehearsed edit
+               "chunk_defaults": 85, "rehearsal": 127, "rehearsed_edit": 22}
 MANIFEST_JSON = {"fixed": 490, "per_module": 8}
 
 # r_A / d_in and r_G / d_out (the corner of removed coordinates) per gamma, measured on the
@@ -500,7 +506,10 @@ def ledger_files(model: str, shapes: dict[str, tuple[int, int]], dtype: str, chu
         # the model id: its own entry and twice in the statistics' metadata; the current state is an entry of its own
         "ledger_json": LEDGER_JSON["fixed"] + 3 * len(model) + options + 2 * name_bytes
         + k * (LEDGER_JSON["chunk"] + M * LEDGER_JSON["chunk_per_module"] + name_bytes)
-        + (len(kept) + 1) * (LEDGER_JSON["entry"] + M * LEDGER_JSON["entry_per_module"] + name_bytes),
+        + (len(kept) + 1) * (LEDGER_JSON["entry"] + M * LEDGER_JSON["entry_per_module"] + name_bytes)
+        + k * LEDGER_JSON["chunk_defaults"]
+        + round(sum(LEDGER_JSON["rehearsal"] + LEDGER_JSON["rehearsed_edit"] * a["rehearsed_share"] * c
+                    for c in chunk_sizes[1:])),
     }
 
 

@@ -20,23 +20,12 @@ from crispedit.layers import find_modules
 from crispedit.options import MethodOptions
 from crispedit.plan import plan
 from crispedit.projector import eigh_factor
-from crispedit.requests import EditRequest
 from crispedit.session import EditSession
-from models import char_tokenizer, tiny_hf
+from models import tiny_hf
 
-TOK = char_tokenizer()
-WORDS = ["mat", "park", "sea", "bread", "cake", "tree", "road", "hill", "lake", "door", "rose", "king"]
-PROMPTS = ["the cat sat on the", "a dog ran to the", "birds fly over the", "we ate some", "she baked a",
-           "he climbed a", "they walked down the", "we ran up the", "fish swim in the", "he opened the",
-           "she smelled a", "long live the"]
-REQUESTS = [EditRequest(p, w, case_id=i) for i, (p, w) in enumerate(zip(PROMPTS, WORDS[3:] + WORDS[:3]))]
-CORPUS = [TOK(t)["input_ids"] for t in ["the cat sat on the mat.", "a quick brown fox jumps.",
-                                        "some words, here and there.", "it was a lovely day at the sea.",
-                                        "the dog ran to the old park."]]
-LLAMA3_8B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
-             "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
-             "vocab_size": 128256, "max_position_embeddings": 8192, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
-             "tie_word_embeddings": False}
+from test_plan import LLAMA3_8B  # noqa: E402
+from test_session import CORPUS, REQUESTS, TOK  # noqa: E402
+
 # float64 dense references agree with the float64 fast paths to rounding
 EXACT_TOL = 1e-9
 # the unconstrained tiny edit predicts ~0.09 nats; a budget of a third of it binds from the third step on

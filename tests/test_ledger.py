@@ -10,7 +10,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -104,6 +103,20 @@ def test_a_second_writer_is_refused_and_a_dead_writers_lock_is_taken_over(world,
         assert lock.took_over and f"pid {holder.pid}" in lock.took_over
     with ledger.writer_lock(L) as lock:  # a clean release leaves nothing to take over
         assert lock.took_over is None
+
+
+def test_a_filesystem_without_locks_is_refused_not_written_unlocked(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with pytest.raises(ledger.LedgerError, match="does not support file locks"):
+        with ledger.writer_lock(tmp_path / "L"):
+            pass
+    assert ledger.WriterLock._held == {}
 
 
 def test_two_sessions_of_one_ledger_cannot_both_commit(tmp_path):
@@ -385,3 +398,31 @@ def test_a_reverted_branch_is_kept_only_while_it_can_be_restored(tmp_path):
     info = ledger.read(L)
     assert not (L / third).exists() and ledger.restorable(info) == []
     assert [len(b["chunks"]) for b in info["reverted"]] == [2] and "head" not in info["reverted"][0]
+
+
+def test_chunked_editing_rehearses_by_default_and_a_batch_does_not(world, tmp_path):
+    assert main(_edit(world, "--requests", str(world / "first.jsonl"), "--ledger", str(tmp_path / "L"))) == 0
+    info = ledger.read(tmp_path / "L")
+    assert info["options"]["rehearse"] == "all" and info["chunks"][1]["rehearsal"]["checked"] == 2
+    assert info["options"]["capability_share"] == 0.5
+    assert main(_edit(world, "--requests", str(world / "first.jsonl"), "--ledger", str(tmp_path / "M"),
+                      "--rehearse", "none")) == 0
+    info = ledger.read(tmp_path / "M")
+    assert info["options"]["rehearse"] == "none" and "rehearsal" not in info["chunks"][1]  # given: kept, no check
+    assert main(_edit(world, "--requests", str(world / "first.jsonl"), "--ledger", str(tmp_path / "F"),
+                      "--method", "ft", "--capability-share", "0")) == 2  # ft protects nothing: no share to floor
+    assert main(_edit(world, "--requests", str(world / "first.jsonl"), "--ledger", str(tmp_path / "F"),
+                      "--method", "ft")) == 0
+    assert ledger.read(tmp_path / "F")["options"]["capability_share"] is None
+    assert main(_edit(world, "--requests", str(world / "first.jsonl"), "--ledger", str(tmp_path / "O"),
+                      "--rehearse-order", "oldest")) == 0  # the order of the default rehearsal
+    assert ledger.read(tmp_path / "O")["options"]["rehearse_order"] == "oldest"
+    one_chunk = _edit(world, "--requests", str(world / "first.jsonl"), "--ledger", str(tmp_path / "N"))
+    del one_chunk[one_chunk.index("--chunk-size") : one_chunk.index("--chunk-size") + 2]
+    assert main(one_chunk) == 0  # a new ledger is a history to be continued: its later chunks rehearse
+    assert ledger.read(tmp_path / "N")["options"]["rehearse"] == "all"
+    batch = _edit(world, "--requests", str(world / "first.jsonl"), "--out", str(tmp_path / "out"))
+    del batch[batch.index("--chunk-size") : batch.index("--chunk-size") + 2]
+    assert main(batch) == 0
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["options"]["rehearse"] is None

@@ -1,0 +1,79 @@
+"""Do MEMIT's target values reach their targets on a testbed? Target optimisation alone (no update)
+at the last block the closed-form editors edit (``build.json``'s ``edit_blocks``), under several
+settings, before a comparison with MEMIT and AlphaEdit is called fair (issue 19: mean P(target) at
+the optimised residual at least 0.9).
+
+    python benchmarks/bench_reach.py [--testbed DIR] [--requests 64]
+
+Per setting: the mean and the share above 0.5 of P(target) at ``z`` (the model with the residual
+added at the subject, before any weight changes), the steps taken, wall and CPU seconds. Results:
+``benchmarks/results/memit-reach-<testbed>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from bench_testbed import CLOSED_FORM_SETTINGS, cpu_model, default_testbed  # noqa: E402
+from common import timed, write_results  # noqa: E402
+from crispedit import __version__  # noqa: E402
+from crispedit.layers import decoder_blocks  # noqa: E402
+from crispedit.memit import MemitConfig, compute_targets, context_prefixes  # noqa: E402
+from crispedit.model import load_model  # noqa: E402
+from crispedit.requests import read_requests  # noqa: E402
+
+# the authors' LLaMA-3-8B settings, EasyEdit's, and longer optimisations of both
+SETTINGS = {
+    "authors": {},
+    "easyedit": CLOSED_FORM_SETTINGS["easyedit"],
+    "authors, 100 steps": {"v_num_grad_steps": 100},
+    "easyedit, 100 steps": {**CLOSED_FORM_SETTINGS["easyedit"], "v_num_grad_steps": 100},
+    "authors, clamp 4, 100 steps": {"clamp_norm_factor": 4.0, "v_num_grad_steps": 100},
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--testbed", default=None)
+    ap.add_argument("--requests", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    testbed = Path(a.testbed) if a.testbed else default_testbed()
+    build = json.loads((testbed / "build.json").read_text())
+    model, tok = load_model(str(testbed), "cpu", "float32")
+    n_blocks = model.config.num_hidden_layers
+    blocks = (build.get("edit_blocks") or {}).get("closed_form") or list(range(max(1, n_blocks // 2)))
+    requests = read_requests(testbed / "edit.jsonl")[: a.requests]
+    block = decoder_blocks(model)[1][blocks[-1]]
+    rows = []
+    for name, change in SETTINGS.items():
+        cfg = dataclasses.replace(MemitConfig(), **change)
+        prefixes = context_prefixes(model, tok, 0, cfg.prefix_count, cfg.prefix_length, cfg.prefix_top_k)
+        wall, cpu, t = timed(lambda: compute_targets(model, tok, block, requests, prefixes, cfg))
+        probs = [loss["prob"] for loss in t.losses]
+        rows.append({"setting": name, "changes": change, "target_probability": sum(probs) / len(probs),
+                     "share_above_half": sum(p > 0.5 for p in probs) / len(probs),
+                     "steps": sum(t.steps), "wall_s": wall, "cpu_s": cpu})
+        print(f"{name:<30} P(target) {rows[-1]['target_probability']:.3f} (> 0.5: {rows[-1]['share_above_half']:.2f}) "
+              f"steps {rows[-1]['steps']} [{wall:.0f} s wall, {cpu:.0f} s CPU]", flush=True)
+    out = Path(a.out) if a.out else ROOT / "benchmarks" / "results" / f"memit-reach-{testbed.name}.json"
+    result = {"version": __version__, "cpu": cpu_model(), "threads": a.threads, "testbed": testbed.name,
+              "testbed_sha256": build.get("testbed_sha256"), "blocks": n_blocks, "closed_form_blocks": blocks,
+              "target_block": blocks[-1], "requests": len(requests), "rows": rows}
+    print(f"-> {write_results(result, out)}")
+
+
+if __name__ == "__main__":
+    main()
