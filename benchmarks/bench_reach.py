@@ -6,7 +6,8 @@ the optimised residual at least 0.9).
     python benchmarks/bench_reach.py [--testbed DIR] [--requests 64]
 
 Per setting: the mean and the share above 0.5 of P(target) at ``z`` (the model with the residual
-added at the subject, before any weight changes), the steps taken, wall and CPU seconds. Results:
+added at the subject, before any weight changes), the steps taken, wall and CPU seconds; each setting
+is cached under ``~/.cache/crispedit/bench/reach/`` (a rerun computes only new settings). Results:
 ``benchmarks/results/memit-reach-<testbed>.json``.
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -24,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_testbed import CLOSED_FORM_SETTINGS, cpu_model, default_testbed  # noqa: E402
+from bench_testbed import CACHE, CLOSED_FORM_SETTINGS, cached, cpu_model, default_testbed  # noqa: E402
 from common import timed, write_results  # noqa: E402
 from crispedit import __version__  # noqa: E402
 from crispedit.layers import decoder_blocks  # noqa: E402
@@ -39,6 +41,7 @@ SETTINGS = {
     "authors, 100 steps": {"v_num_grad_steps": 100},
     "easyedit, 100 steps": {**CLOSED_FORM_SETTINGS["easyedit"], "v_num_grad_steps": 100},
     "authors, clamp 4, 100 steps": {"clamp_norm_factor": 4.0, "v_num_grad_steps": 100},
+    "easyedit, clamp 10, 200 steps": {**CLOSED_FORM_SETTINGS["easyedit"], "clamp_norm_factor": 10.0, "v_num_grad_steps": 200},
 }
 
 
@@ -59,15 +62,20 @@ def main() -> None:
     block = decoder_blocks(model)[1][blocks[-1]]
     rows = []
     for name, change in SETTINGS.items():
-        cfg = dataclasses.replace(MemitConfig(), **change)
-        prefixes = context_prefixes(model, tok, 0, cfg.prefix_count, cfg.prefix_length, cfg.prefix_top_k)
-        wall, cpu, t = timed(lambda: compute_targets(model, tok, block, requests, prefixes, cfg))
-        probs = [loss["prob"] for loss in t.losses]
-        rows.append({"setting": name, "changes": change, "target_probability": sum(probs) / len(probs),
-                     "share_above_half": sum(p > 0.5 for p in probs) / len(probs),
-                     "steps": sum(t.steps), "wall_s": wall, "cpu_s": cpu})
+        def reach(change=change, name=name) -> dict:
+            cfg = dataclasses.replace(MemitConfig(), **change)
+            prefixes = context_prefixes(model, tok, 0, cfg.prefix_count, cfg.prefix_length, cfg.prefix_top_k)
+            wall, cpu, t = timed(lambda: compute_targets(model, tok, block, requests, prefixes, cfg))
+            probs = [loss["prob"] for loss in t.losses]
+            return {"setting": name, "changes": change, "target_probability": sum(probs) / len(probs),
+                    "share_above_half": sum(p > 0.5 for p in probs) / len(probs),
+                    "steps": sum(t.steps), "wall_s": wall, "cpu_s": cpu}
+
+        key = json.dumps([__version__, build.get("testbed_sha256"), blocks[-1], a.requests, change], sort_keys=True)
+        cache = CACHE / "bench" / "reach" / (hashlib.sha256(key.encode()).hexdigest()[:20] + ".json")
+        rows.append(cached(cache, reach))  # a rerun computes only the settings not made yet
         print(f"{name:<30} P(target) {rows[-1]['target_probability']:.3f} (> 0.5: {rows[-1]['share_above_half']:.2f}) "
-              f"steps {rows[-1]['steps']} [{wall:.0f} s wall, {cpu:.0f} s CPU]", flush=True)
+              f"steps {rows[-1]['steps']} [{rows[-1]['wall_s']:.0f} s wall, {rows[-1]['cpu_s']:.0f} s CPU]", flush=True)
     out = Path(a.out) if a.out else ROOT / "benchmarks" / "results" / f"memit-reach-{testbed.name}.json"
     result = {"version": __version__, "cpu": cpu_model(), "threads": a.threads, "testbed": testbed.name,
               "testbed_sha256": build.get("testbed_sha256"), "blocks": n_blocks, "closed_form_blocks": blocks,

@@ -126,7 +126,7 @@ def grid(n_small: int, n_large: int | None, all_blocks: list[int]) -> list[dict]
 def grid_v2(n: int, blocks: dict[str, list[int]]) -> list[dict]:
     """The batch runs on a testbed whose blocks are placed as at LLaMA-3-8B (``build.json``'s
     ``edit_blocks``): every method at its own blocks, each family at the other's, MEMIT's λ at three
-    values; the same at ``LOAD_EDITS`` (there AlphaEdit too at each λ)."""
+    values; the same at ``LOAD_EDITS``."""
     cb, fb = blocks["crispedit"], blocks["closed_form"]
     runs = [spec("ft", n), spec("crispedit", n, 0.8), spec("crispedit", n, 0.9), spec("nullspace", n, 0.8)]
     for st in ({}, {"settings": "easyedit"}):
@@ -136,7 +136,7 @@ def grid_v2(n: int, blocks: dict[str, list[int]]) -> list[dict]:
     runs += [spec(m, n, layers=cb, settings="easyedit") for m in ("memit", "alphaedit")]
     runs += [spec("crispedit", LOAD_EDITS, 0.8), spec("ft", LOAD_EDITS)]
     runs += [spec(m, LOAD_EDITS, layers=fb, **st) for st in ({}, {"settings": "easyedit"}) for m in ("memit", "alphaedit")]
-    runs += [spec(m, LOAD_EDITS, layers=fb, settings="easyedit", lam=lam) for lam in LAMBDAS for m in ("memit", "alphaedit")]
+    runs += [spec("memit", LOAD_EDITS, layers=fb, settings="easyedit", lam=lam) for lam in LAMBDAS]  # AlphaEdit has no λ
     runs += [spec("crispedit", LOAD_EDITS, 0.8, layers=fb)]
     runs += [spec(m, LOAD_EDITS, layers=cb, settings="easyedit") for m in ("memit", "alphaedit")]
     return runs
@@ -420,7 +420,8 @@ def rehearsal_totals(records: list[dict]) -> dict | None:
 
 def ledger_dir(tb: Testbed, s: dict) -> Path:
     """Where a sequential run keeps its ledger (it resumes from there)."""
-    key = hashlib.sha256(json.dumps(dict(s, v=__version__, t=tb.hash), sort_keys=True).encode()).hexdigest()[:20]
+    seed = {"seed": tb.seed} if tb.seed else {}  # (seed 0 keeps the key it always had)
+    key = hashlib.sha256(json.dumps(dict(s, **seed, v=__version__, t=tb.hash), sort_keys=True).encode()).hexdigest()[:20]
     return tb.cache / "ledgers" / key
 
 
@@ -821,8 +822,12 @@ def plot(rows: list[dict], path: Path, n_small: int) -> None:
         if ax is axes[0]:
             ax.set_xscale("log")
     axes[0].set_ylabel("edit reliability (greedy generation)")
+    axes[0].set_ylim(0, 1.02)
+    axes[1].set_xlim(left=0)  # points lost: from zero
     axes[1].legend(fontsize=6, loc="lower right")
-    fig.suptitle(f"CounterFact/WikiText testbed: {n_small} edits in one batch, γ ∈ {{{', '.join(f'{g:g}' for g in GAMMAS)}}}")
+    sizes = ", ".join(str(n) for n in sorted({r["n"] for r in rows}))
+    fig.suptitle(f"CounterFact/WikiText testbed: {sizes} edits in one batch (lines: γ ∈ "
+                 f"{{{', '.join(f'{g:g}' for g in GAMMAS)}}} at {n_small} edits)")
     fig.tight_layout()
     _save(fig, path)
 

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from crispedit import ledger
 from crispedit.cli import main
 from crispedit.curvature import KFACHooks, _sampled_batch, collect
 from crispedit.evaluate import text_drift
