@@ -952,7 +952,7 @@ def run_log(o: LogOptions, given: set) -> int:
     print(f"{o.ledger}: {info['model']} · {opts['method']} · {len(info['chunks'])} chunks · "
           f"layers {', '.join(info['modules'])}")
     head = (f"{'chunk':>5} {'requests':>8} {'steps':>6} {'loss':>8} {'|dW|/|W|':>9} {'pred. KL':>9} {'KL held-out':>11} "
-            f"{'reliab.':>7} {'first':>6} {'rephr.':>6} {'known':>6} {'cap.':>5} {'rehearsed':>9} {'refr.':>5} "
+            f"{'reliab.':>7} {'first':>6} {'rephr.':>6} {'known':>6} {'cap.':>10} {'rehearsed':>9} {'refr.':>5} "
             f"{'budget':>7} {'time':>7}")
     print(head)
     f = lambda x, d=3: "-" if x is None else f"{x:.{d}f}"  # noqa: E731
@@ -964,10 +964,12 @@ def run_log(o: LogOptions, given: set) -> int:
         budget = f"{r['budget']['used']:.0%}" if r.get("budget") else "-"
         h = r.get("rehearsal")
         rehearsed = f"{h['rehearsed']}/{h['forgotten']}" if h else "-"
+        share, floored = r.get("capability_share"), r.get("capability_share_floored")
+        cap = f"{f(share, 2)}->{floored:.2f}" if floored is not None and share is not None and floored > share else f(share, 2)
         print(f"{r['chunk']:>5} {edits:>8} {r.get('steps') if r.get('steps') is not None else '-':>6} "
               f"{f(r.get('final_loss'), 4):>8} {f(d.get('relative_change'), 4):>9} {g(d.get('predicted_kl')):>9} "
               f"{g(m.get('heldout_kl')):>11} {f(m.get('reliability')):>7} {f(m.get('first_chunk_reliability')):>6} "
-              f"{f(m.get('rephrase')):>6} {f(m.get('known_facts_accuracy')):>6} {f(r.get('capability_share'), 2):>5} "
+              f"{f(m.get('rephrase')):>6} {f(m.get('known_facts_accuracy')):>6} {cap:>10} "
               f"{rehearsed:>9} {len(r.get('refreshes', [])):>5} {budget:>7} {sum(r.get('seconds', {}).values()):>6.1f}s")
     for r in info["chunks"]:
         if r.get("updates"):
@@ -987,7 +989,7 @@ LOG_LEGEND = ("\nrequests: edited so far; loss: the chunk's final edit loss; |dW
               "matrices since the base; pred. KL: K-FAC predicted KL from the base\non the capability corpus, "
               "nats/token; KL held-out: measured on --heldout; reliab.: edits so far answered (a sample); first: the "
               "first chunk's edits still answered;\nrephr.: rephrases of the edits so far answered; known: unedited facts "
-              "the base knew, still answered; cap.: the capability corpus's share of the protected statistics;\n"
+              "the base knew, still answered; cap.: the capability corpus's share of the protected statistics (a->b: raised from a to b by --capability-share);\n"
               "rehearsed: earlier edits edited again / found forgotten (--rehearse); refr.: statistics refreshes "
               "(--refresh-drift); budget: share of --budget used;\ntime: seconds of the chunk; -: not measured (no "
               "--heldout, --known-facts, or evaluation that chunk)")

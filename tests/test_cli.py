@@ -174,6 +174,7 @@ def test_chunked_edit_and_log_print_their_legends_once(tiny, tmp_path, requests_
     assert out.count(DRIFT_LEGEND) == 1 and out.index("outside") < out.index(DRIFT_LEGEND)
     code, out, _ = _run(capsys, "log", tmp_path / "L")
     assert code == 0 and out.count(LOG_LEGEND) == 1
+    assert "->0.50 " in out  # the chunked default's capability-share floor, raising the corpus's share to 0.5
     for column in ("first", "rephr.", "known", "refr.", "budget"):  # every column the table heads, explained
         assert f"{column}: " in LOG_LEGEND, column
     for column in ("reliability", "first chunk", "known facts", "KL held-out", "refresh(es)", "budget"):
