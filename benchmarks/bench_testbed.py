@@ -639,9 +639,12 @@ def main() -> None:
     if "confirm" in a.only and tb.n_large:
         rows = run_all(tb, confirm_grid(tb.n_large, base, a.chunk), a)
         batch = run_all(tb, [spec("crispedit", tb.n_large, 0.8)], a)  # the same edits in one batch: the time ratio
+        # the winner at the next seed, when made (--seed 1 --only confirm --rows 'share n3000' --out elsewhere)
+        other = run_path(argparse.Namespace(hash=tb.hash, seed=tb.seed + 1, cache=tb.cache), confirm_grid(tb.n_large, base, a.chunk)[-1], a)
         results["confirmed"] = {"base": base, "rows": rows, "batch": batch,
                                 "time": [time_ratio_of(r, batch[0]) for r in rows] if batch else None,
-                                "flops_8b": flops_ratio_8b(a.chunk, tb.n_large)}
+                                "flops_8b": flops_ratio_8b(a.chunk, tb.n_large),
+                                "next_seed": json.loads(other.read_text())["row"] if other.exists() else None}
         write_results(results, out)
         print(table(rows + batch))
         earlier = [r for r in (results.get("sequential_earlier_build") or {}).get("rows", [])  # the same weights
