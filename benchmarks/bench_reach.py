@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import sys
 from pathlib import Path
@@ -26,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_testbed import CACHE, CLOSED_FORM_SETTINGS, cached, cpu_model, default_testbed  # noqa: E402
+from bench_testbed import CACHE, CLOSED_FORM_SETTINGS, cached, cpu_model, default_testbed, digest  # noqa: E402
 from common import timed, write_results  # noqa: E402
 from crispedit import __version__  # noqa: E402
 from crispedit.layers import decoder_blocks  # noqa: E402
@@ -71,8 +70,7 @@ def main() -> None:
                     "share_above_half": sum(p > 0.5 for p in probs) / len(probs),
                     "steps": sum(t.steps), "wall_s": wall, "cpu_s": cpu}
 
-        key = json.dumps([__version__, build.get("testbed_sha256"), blocks[-1], a.requests, change], sort_keys=True)
-        cache = CACHE / "bench" / "reach" / (hashlib.sha256(key.encode()).hexdigest()[:20] + ".json")
+        cache = CACHE / "bench" / "reach" / (digest([__version__, build.get("testbed_sha256"), blocks[-1], a.requests, change]) + ".json")
         rows.append(cached(cache, reach))  # a rerun computes only the settings not made yet
         print(f"{name:<30} P(target) {rows[-1]['target_probability']:.3f} (> 0.5: {rows[-1]['share_above_half']:.2f}) "
               f"steps {rows[-1]['steps']} [{rows[-1]['wall_s']:.0f} s wall, {rows[-1]['cpu_s']:.0f} s CPU]", flush=True)

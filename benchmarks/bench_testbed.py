@@ -418,11 +418,15 @@ def rehearsal_totals(records: list[dict]) -> dict | None:
         "check_seconds": sum(r["seconds"].get("rehearsal_check", 0.0) for r in records)}
 
 
+def digest(key) -> str:
+    """The name a cached result is kept under: 20 hex digits of the SHA-256 of ``key`` as sorted JSON."""
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+
+
 def ledger_dir(tb: Testbed, s: dict) -> Path:
     """Where a sequential run keeps its ledger (it resumes from there)."""
     seed = {"seed": tb.seed} if tb.seed else {}  # (seed 0 keeps the key it always had)
-    key = hashlib.sha256(json.dumps(dict(s, **seed, v=__version__, t=tb.hash), sort_keys=True).encode()).hexdigest()[:20]
-    return tb.cache / "ledgers" / key
+    return tb.cache / "ledgers" / digest(dict(s, **seed, v=__version__, t=tb.hash))
 
 
 def unfinished(tb: Testbed, specs: list[dict], a) -> list[dict]:
@@ -521,11 +525,11 @@ def protected_energy(tb: Testbed, session: EditSession, split: int, energy: floa
     return out
 
 
-def run_path(tb: Testbed, s: dict, a) -> Path:
-    """Where a run's result is cached."""
-    key = json.dumps(dict(s, testbed=tb.hash, lr=a.lr, epochs=a.epochs, seed=tb.seed, version=__version__,
-                          eval_every=a.eval_every, eval_sample=a.eval_sample), sort_keys=True)
-    return tb.cache / "runs" / (hashlib.sha256(key.encode()).hexdigest()[:20] + ".json")
+def run_path(tb: Testbed, s: dict, a, seed: int | None = None) -> Path:
+    """Where a run's result is cached (``seed``: the same run at another seed than the testbed's)."""
+    key = dict(s, testbed=tb.hash, lr=a.lr, epochs=a.epochs, seed=tb.seed if seed is None else seed,
+               version=__version__, eval_every=a.eval_every, eval_sample=a.eval_sample)
+    return tb.cache / "runs" / (digest(key) + ".json")
 
 
 def run_all(tb: Testbed, specs: list[dict], a) -> list[dict]:
@@ -637,10 +641,11 @@ def main() -> None:
         write_results(results, out)
         print(table(rows))
     if "confirm" in a.only and tb.n_large:
-        rows = run_all(tb, confirm_grid(tb.n_large, base, a.chunk), a)
+        specs = confirm_grid(tb.n_large, base, a.chunk)
+        rows = run_all(tb, specs, a)
         batch = run_all(tb, [spec("crispedit", tb.n_large, 0.8)], a)  # the same edits in one batch: the time ratio
         # the winner at the next seed, when made (--seed 1 --only confirm --rows 'share n3000' --out elsewhere)
-        other = run_path(argparse.Namespace(hash=tb.hash, seed=tb.seed + 1, cache=tb.cache), confirm_grid(tb.n_large, base, a.chunk)[-1], a)
+        other = run_path(tb, specs[-1], a, seed=tb.seed + 1)
         results["confirmed"] = {"base": base, "rows": rows, "batch": batch,
                                 "time": [time_ratio_of(r, batch[0]) for r in rows] if batch else None,
                                 "flops_8b": flops_ratio_8b(a.chunk, tb.n_large),
@@ -718,13 +723,13 @@ def flops_ratio_8b(chunk: int, n: int, tokens_per_request: int = 20, epochs_per_
     batch = steps * step
     out = {"assumptions": {"tokens_per_request": tokens_per_request, "epochs_per_chunk": epochs_per_chunk,
                            "eigh_flops": "9 n^3 per factor", "projection": "not counted (the same in both)"}}
-    for k in (1, 5, 10):
-        extra = chunks * stats + (chunks / k) * eigh
-        out[f"rebuild_every_{k}"] = (batch + extra) / batch
+    extra = {k: chunks * stats + (chunks / k) * eigh for k in (1, 5, 10)}
+    for k, e in extra.items():
+        out[f"rebuild_every_{k}"] = (batch + e) / batch
     check = sum(2 * params * tokens_per_request * chunk * k for k in range(chunks))  # chunk k checks k·chunk edits
     out["assumptions"]["rehearsed_extra_steps"] = rehearsed_extra_steps
     out["rehearsal_check_over_batch"] = check / batch
-    out["rehearse_all_rebuild_every_1"] = (batch * (1 + rehearsed_extra_steps) + chunks * stats + chunks * eigh + check) / batch
+    out["rehearse_all_rebuild_every_1"] = (batch * (1 + rehearsed_extra_steps) + extra[1] + check) / batch
     return out
 
 
@@ -845,14 +850,13 @@ def plot_history(rows: list[dict], path: Path, chunk: int = CHUNK) -> None:
     metrics = [("reliability", "reliability, all edits so far"), ("first_chunk_reliability", "reliability, first chunk"),
                ("known_facts_accuracy", "known unedited facts"), ("heldout_kl", "held-out KL (nats/token)")]
     fig, axes = plt.subplots(1, len(metrics), figsize=(17, 4))
-    # the variants of one method apart: its colour, then a marker each (rehearsal ■, a capability-share floor ◆)
-    markers = {r_id: ("D" if r.get("capability_share") else "s" if r.get("rehearse") not in (None, "none") else "o")
-               for r_id, r in enumerate(rows)}
     for ax, (key, label) in zip(axes, metrics):
-        for r_id, r in enumerate(rows):
+        for r in rows:
             h = [p for p in r.get("history", []) if p.get(key) is not None]
             style = "--" if r.get("budget") or r.get("protect_edits") == "mix" or r.get("refresh_drift") else "-"
-            ax.plot([p["edits"] for p in h], [p[key] for p in h], style, marker=markers[r_id], markersize=4,
+            # the variants of one method apart: a capability-share floor ◆, rehearsal ■
+            marker = "D" if r.get("capability_share") else "s" if r.get("rehearse") not in (None, "none") else "o"
+            ax.plot([p["edits"] for p in h], [p[key] for p in h], style, marker=marker, markersize=4,
                     color=_colour(family(r)),
                     label=f"{family(r)} ({r['edited']} of {r['n']}, unfinished)" if "chunks_done" in r else f"{family(r)} ({r['n']})")
         ax.set_xlabel("edits made")

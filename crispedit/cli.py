@@ -374,7 +374,7 @@ def _check_method_options(o: EditOptions, given: set) -> None:
     for name in ("edit_weight", "capability_share"):
         if o.method == "ft" and name in given:
             raise UsageError(f"{flag(name)} does not apply to --method ft (it uses no projector)")
-    if "rehearse_order" in given and o.rehearse in (None, "none"):
+    if "rehearse_order" in given and not o.rehearses():
         raise UsageError("--rehearse-order applies with --rehearse")
     if o.protect_edits != "mix" and "mix_sample" in given:
         raise UsageError("--mix-sample applies to --protect-edits mix only")

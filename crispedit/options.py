@@ -167,6 +167,10 @@ class MethodOptions:
             return 0.0
         return 0.8 if self.gamma is None else self.gamma
 
+    def rehearses(self) -> bool:
+        """Whether earlier edits are checked before each chunk (``--rehearse`` all, N or 0; not none)."""
+        return self.rehearse not in (None, "none")
+
 
 @dataclass
 class EditOptions(RuntimeOptions, EvaluationInputs, MethodOptions):

@@ -194,7 +194,7 @@ class EditSession:
             raise SessionError(f"--method {o.method} needs capability statistics (--curvature or --corpus)")
         if o.refresh_drift is not None and not capability_documents:
             raise SessionError("--refresh-drift recomputes the statistics: give the capability corpus (--corpus)")
-        if o.rehearse not in (None, "none") and o.method in CLOSED_FORM_METHODS:
+        if o.rehearses() and o.method in CLOSED_FORM_METHODS:
             raise SessionError(f"--rehearse re-edits forgotten edits with the gradient methods, not --method {o.method}")
         if o.protect_edits == "mix" and not capability_documents and o.method not in CLOSED_FORM_METHODS:
             raise SessionError("--protect-edits mix recomputes the statistics: give the capability corpus (--corpus)")
@@ -435,7 +435,7 @@ class EditSession:
         self.flush_statistics()  # the previous chunk's
         self._record = record
         start = time.perf_counter()
-        rehearsed = self._rehearsal(record) if o.rehearse not in (None, "none") and self.requests else []
+        rehearsed = self._rehearsal(record) if o.rehearses() and self.requests else []
         record["seconds"]["rehearsal_check"] = time.perf_counter() - start
         record["seconds"]["rebuild"] = self.rebuild()
         if o.method in CLOSED_FORM_METHODS:
