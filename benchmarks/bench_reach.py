@@ -3,12 +3,13 @@ at the last block the closed-form editors edit (``build.json``'s ``edit_blocks``
 settings, before a comparison with MEMIT and AlphaEdit is called fair (issue 19: mean P(target) at
 the optimised residual at least 0.9).
 
-    python benchmarks/bench_reach.py [--testbed DIR] [--requests 64]
+    python benchmarks/bench_reach.py [--testbed DIR] [--requests 64] [--block K] [--settings NAME ...]
 
 Per setting: the mean and the share above 0.5 of P(target) at ``z`` (the model with the residual
 added at the subject, before any weight changes), the steps taken, wall and CPU seconds; each setting
 is cached under ``~/.cache/crispedit/bench/reach/`` (a rerun computes only new settings). Results:
-``benchmarks/results/memit-reach-<testbed>.json``.
+``benchmarks/results/memit-reach-<testbed>.json`` (``-block<K>`` added for another block than the
+last closed-form one; with ``--settings``, only those settings' rows).
 """
 
 from __future__ import annotations
@@ -41,6 +42,9 @@ SETTINGS = {
     "easyedit, 100 steps": {**CLOSED_FORM_SETTINGS["easyedit"], "v_num_grad_steps": 100},
     "authors, clamp 4, 100 steps": {"clamp_norm_factor": 4.0, "v_num_grad_steps": 100},
     "easyedit, clamp 10, 200 steps": {**CLOSED_FORM_SETTINGS["easyedit"], "clamp_norm_factor": 10.0, "v_num_grad_steps": 200},
+    # the ceiling: the residual nearly unbounded (clamp 100), no KL or decay term, 300 steps
+    "unbounded, 300 steps": {"v_lr": 0.5, "clamp_norm_factor": 100.0, "v_weight_decay": 0.0, "kl_factor": 0.0,
+                             "v_num_grad_steps": 300},
 }
 
 
@@ -50,6 +54,9 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--block", type=int, default=None, help="the block whose output is optimised (default: the last closed-form block)")
+    ap.add_argument("--settings", nargs="+", default=None, choices=list(SETTINGS), metavar="NAME",
+                    help="run only these settings (default: all)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     testbed = Path(a.testbed) if a.testbed else default_testbed()
@@ -58,9 +65,12 @@ def main() -> None:
     n_blocks = model.config.num_hidden_layers
     blocks = (build.get("edit_blocks") or {}).get("closed_form") or list(range(max(1, n_blocks // 2)))
     requests = read_requests(testbed / "edit.jsonl")[: a.requests]
-    block = decoder_blocks(model)[1][blocks[-1]]
+    target = blocks[-1] if a.block is None else a.block
+    block = decoder_blocks(model)[1][target]
     rows = []
     for name, change in SETTINGS.items():
+        if a.settings and name not in a.settings:
+            continue
         def reach(change=change, name=name) -> dict:
             cfg = dataclasses.replace(MemitConfig(), **change)
             prefixes = context_prefixes(model, tok, 0, cfg.prefix_count, cfg.prefix_length, cfg.prefix_top_k)
@@ -68,16 +78,18 @@ def main() -> None:
             probs = [loss["prob"] for loss in t.losses]
             return {"setting": name, "changes": change, "target_probability": sum(probs) / len(probs),
                     "share_above_half": sum(p > 0.5 for p in probs) / len(probs),
+                    "share_at_least_0.9": sum(p >= 0.9 for p in probs) / len(probs),
                     "steps": sum(t.steps), "wall_s": wall, "cpu_s": cpu}
 
-        cache = CACHE / "bench" / "reach" / (digest([__version__, build.get("testbed_sha256"), blocks[-1], a.requests, change]) + ".json")
+        cache = CACHE / "bench" / "reach" / (digest([__version__, build.get("testbed_sha256"), target, a.requests, change]) + ".json")
         rows.append(cached(cache, reach))  # a rerun computes only the settings not made yet
         print(f"{name:<30} P(target) {rows[-1]['target_probability']:.3f} (> 0.5: {rows[-1]['share_above_half']:.2f}) "
               f"steps {rows[-1]['steps']} [{rows[-1]['wall_s']:.0f} s wall, {rows[-1]['cpu_s']:.0f} s CPU]", flush=True)
-    out = Path(a.out) if a.out else ROOT / "benchmarks" / "results" / f"memit-reach-{testbed.name}.json"
+    suffix = "" if target == blocks[-1] else f"-block{target}"
+    out = Path(a.out) if a.out else ROOT / "benchmarks" / "results" / f"memit-reach-{testbed.name}{suffix}.json"
     result = {"version": __version__, "cpu": cpu_model(), "threads": a.threads, "testbed": testbed.name,
               "testbed_sha256": build.get("testbed_sha256"), "blocks": n_blocks, "closed_form_blocks": blocks,
-              "target_block": blocks[-1], "requests": len(requests), "rows": rows}
+              "target_block": target, "requests": len(requests), "rows": rows}
     print(f"-> {write_results(result, out)}")
 
 

@@ -71,7 +71,7 @@ from crispedit.evaluate import known_facts_filter, metric, prepare_reference  # 
 from crispedit.history import HistoryProbe  # noqa: E402
 from crispedit.layers import find_modules  # noqa: E402
 from crispedit.model import load_model  # noqa: E402
-from crispedit.options import CHUNKED_DEFAULTS, MethodOptions  # noqa: E402
+from crispedit.options import CHUNKED_DEFAULTS, CHUNKED_GAMMA, MethodOptions  # noqa: E402
 from crispedit.requests import EditRequest, read_requests  # noqa: E402
 from crispedit.session import EditSession  # noqa: E402
 
@@ -204,11 +204,21 @@ def rehearse_grid(n: int, base: dict, chunk: int = CHUNK) -> list[dict]:
             spec("crispedit", n, **seq, rehearse="all", capability_share=0.5)]
 
 
-def confirm_grid(n: int, base: dict, chunk: int = CHUNK) -> list[dict]:
-    """The best chunked settings at 1,000 edits, confirmed at ``n``: rehearsal, with and without a
-    capability-share floor."""
-    seq = dict(chunk_size=chunk, **base, rehearse="all")
-    return [spec("crispedit", n, **seq), spec("crispedit", n, **seq, capability_share=0.5)]
+def confirm_grid(n: int, chunk: int = CHUNK) -> list[dict]:
+    """The best chunked settings at 1,000 edits, confirmed at ``n``: at gamma 0.8 rehearsal with and
+    without a capability-share floor; the chunked defaults (gamma ``CHUNKED_GAMMA``, rehearsal, floor)."""
+    seq = dict(chunk_size=chunk, rehearse="all")
+    return [spec("crispedit", n, 0.8, **seq), spec("crispedit", n, 0.8, **seq, capability_share=0.5),
+            spec("crispedit", n, CHUNKED_GAMMA, chunk_size=chunk, **CHUNKED_DEFAULTS)]
+
+
+def tradeoff_grid(n: int, chunk: int = CHUNK) -> list[dict]:
+    """Rehearsal and the share floor (``CHUNKED_DEFAULTS``) at gamma 0.8, 0.9, 0.95 and 0.99, and at
+    ``CHUNKED_GAMMA`` with a higher floor (0.8): where rehearsal keeps reliability, how much more a
+    stricter projector keeps of the known facts and held-out text."""
+    seq = dict(chunk_size=chunk, **CHUNKED_DEFAULTS)
+    return [spec("crispedit", n, g, **seq) for g in (0.8, 0.9, 0.95, 0.99)] + \
+        [spec("crispedit", n, CHUNKED_GAMMA, **{**seq, "capability_share": 0.8})]
 
 
 def protect_grid(n_batch: int, n_seq: int, base: dict, split: int = 1000, chunk: int = CHUNK) -> list[dict]:
@@ -536,7 +546,7 @@ def run_all(tb: Testbed, specs: list[dict], a) -> list[dict]:
     rows = []
     for s in specs:
         path = run_path(tb, s, a)
-        words = set(f"{family(s)} n{s['n']}".split())
+        words = set(f"{family(s)} n{s['n']} g{s['gamma']}".split())
         chosen = not a.rows or any(set(t.split()) <= words for t in a.rows)
         if (a.cached_only or not chosen) and not path.exists():
             print(f"{family(s)} γ {s['gamma']} n {s['n']}: not run (not cached; --cached-only or --rows)", flush=True)
@@ -571,7 +581,7 @@ def main() -> None:
     ap.add_argument("--eval-every", type=int, default=5, help="sequential runs: score the history every K chunks")
     ap.add_argument("--eval-sample", type=int, default=500, help="sequential runs: edits scored per evaluation")
     ap.add_argument("--only", nargs="+", default=["batch", "weights", "sequential", "stories"],
-                    choices=["batch", "weights", "sequential", "stories", "recipe", "rehearse", "confirm", "protect"])
+                    choices=["batch", "weights", "sequential", "stories", "recipe", "rehearse", "confirm", "protect", "tradeoff"])
     ap.add_argument("--base", default=json.dumps(SEQUENTIAL_BASE),
                     help="JSON: the chunked CrispEdit settings the rehearse and protect grids build on")
     a = ap.parse_args()
@@ -619,8 +629,10 @@ def main() -> None:
         partial = unfinished(tb, specs, a)
         batch_path = run_path(tb, spec("crispedit", tb.n_large, 0.8), a)  # the batch run of the same edits, when done
         batch = [json.loads(batch_path.read_text())["row"]] if batch_path.exists() else []
+        first = specs[0]  # CrispEdit with the options of its grid
         results["sequential"] = {"rows": seq, "unfinished": partial, "time": time_ratio(seq, batch),
-                                 "flops_8b": flops_ratio_8b(a.chunk, tb.n_large)}
+                                 "flops_8b": flops_ratio_8b(work(tb, first, seq[0]), work(tb, spec("crispedit", tb.n_large, 0.8), batch[0]), a.chunk)
+                                 if batch and seq and run_path(tb, first, a).exists() else None}
         write_results(results, out)
         print(table(seq))
         for r in partial:
@@ -641,20 +653,33 @@ def main() -> None:
         write_results(results, out)
         print(table(rows))
     if "confirm" in a.only and tb.n_large:
-        specs = confirm_grid(tb.n_large, base, a.chunk)
+        specs = confirm_grid(tb.n_large, a.chunk)
         rows = run_all(tb, specs, a)
-        batch = run_all(tb, [spec("crispedit", tb.n_large, 0.8)], a)  # the same edits in one batch: the time ratio
-        # the winner at the next seed, when made (--seed 1 --only confirm --rows 'share n3000' --out elsewhere)
-        other = run_path(tb, specs[-1], a, seed=tb.seed + 1)
-        results["confirmed"] = {"base": base, "rows": rows, "batch": batch,
+        batch_spec = spec("crispedit", tb.n_large, 0.8)
+        batch = run_all(tb, [batch_spec], a)  # the same edits in one batch: the time ratio
+        made = [sp for sp in specs if run_path(tb, sp, a).exists()]
+        # the floored runs at the next seed, when made (--seed 1 --only confirm --rows 'share n3000' --out elsewhere)
+        others = [run_path(tb, sp, a, seed=tb.seed + 1) for sp in specs if sp.get("capability_share")]
+        results["confirmed"] = {"rows": rows, "batch": batch,
                                 "time": [time_ratio_of(r, batch[0]) for r in rows] if batch else None,
-                                "flops_8b": flops_ratio_8b(a.chunk, tb.n_large),
-                                "next_seed": json.loads(other.read_text())["row"] if other.exists() else None}
+                                "flops_8b": [flops_ratio_8b(work(tb, sp, r), work(tb, batch_spec, batch[0]), a.chunk)
+                                             for sp, r in zip(made, rows)] if batch else None,
+                                "next_seed": [json.loads(o.read_text())["row"] for o in others if o.exists()]}
         write_results(results, out)
         print(table(rows + batch))
         earlier = [r for r in (results.get("sequential_earlier_build") or {}).get("rows", [])  # the same weights
                    if r["method"] in ("crispedit", "ft") and r["n"] == tb.n_large and not r.get("budget")]
         plot_history(earlier + rows, Path(a.plot).with_name(Path(a.plot).stem + "-sequential.png"), a.chunk)
+    if "tradeoff" in a.only:
+        rows = run_all(tb, tradeoff_grid(tb.n_small, a.chunk), a)
+        # an option measured at the same settings and taken out again (no gain): its cached row, when there
+        replay = run_path(tb, spec("crispedit", tb.n_small, CHUNKED_GAMMA, chunk_size=a.chunk, **CHUNKED_DEFAULTS, replay=100), a)
+        results["tradeoff"] = {"defaults": CHUNKED_DEFAULTS, "rows": rows, "replay_removed": {
+            "note": "--replay K (K earlier edits still in force, drawn at random, added to each chunk's loss) was built, "
+                    "measured here and removed: no better, 1.7x the steps",
+            "row": json.loads(replay.read_text())["row"] if replay.exists() else None}}
+        write_results(results, out)
+        print(table(rows))
     if "protect" in a.only and tb.n_large:
         rows = run_all(tb, protect_grid(tb.n_small, tb.n_large, base, chunk=a.chunk), a)
         results["protect_known"] = {"base": base, "rows": rows}
@@ -705,32 +730,47 @@ def time_ratio(seq: list[dict], batch: list[dict]) -> dict:
             "note": "a chunk's statistics seconds are recorded on it from version 0.2.0's fix on (0 in runs made before)"}
 
 
-def flops_ratio_8b(chunk: int, n: int, tokens_per_request: int = 20, epochs_per_chunk: float = 12.0,
-                   rehearsed_extra_steps: float = 2843 / 2728 - 1) -> dict:
-    """The same ratio estimated by counted flops at LLaMA-3-8B shapes (layers 19-23, bf16 forward and
-    backward, fp32 eigendecompositions), with what ``--rebuild-every K`` saves, and with rehearsal: its
-    check (one forward over every earlier edit's prompt and target before each chunk) and the steps
-    the rehearsed edits add (``rehearsed_extra_steps``: measured on the testbed at 3,000 edits in chunks
-    of 100, 2,843 steps with ``--rehearse all`` against 2,728 without). Assumptions are returned with
-    the figures."""
-    params = 8.03e9
-    d_in, d_out, layers = 14336, 4096, 5
-    step = 6 * params * 32 * tokens_per_request  # one optimiser step on 32 requests
-    chunks = n // chunk
-    steps = chunks * epochs_per_chunk * -(-chunk // 32)
-    stats = 3 * 2 * params * chunk * tokens_per_request  # forward + backward over each chunk's edit texts
-    eigh = layers * 9 * (d_in ** 3 + d_out ** 3)  # ~9 n³ flops per symmetric eigendecomposition (tridiagonal + vectors)
-    batch = steps * step
-    out = {"assumptions": {"tokens_per_request": tokens_per_request, "epochs_per_chunk": epochs_per_chunk,
-                           "eigh_flops": "9 n^3 per factor", "projection": "not counted (the same in both)"}}
-    extra = {k: chunks * stats + (chunks / k) * eigh for k in (1, 5, 10)}
-    for k, e in extra.items():
-        out[f"rebuild_every_{k}"] = (batch + e) / batch
-    check = sum(2 * params * tokens_per_request * chunk * k for k in range(chunks))  # chunk k checks k·chunk edits
-    out["assumptions"]["rehearsed_extra_steps"] = rehearsed_extra_steps
-    out["rehearsal_check_over_batch"] = check / batch
-    out["rehearse_all_rebuild_every_1"] = (batch * (1 + rehearsed_extra_steps) + extra[1] + check) / batch
-    return out
+def work(tb: Testbed, s: dict, row: dict, batch_size: int = 32) -> dict:
+    """What a run computed, counted from its record: optimiser steps, requests through forward and
+    backward (the sum over chunks of epochs x the chunk's requests with the rehearsed ones;
+    for one batch, steps x ``batch_size``: a lower bound when batches below the loss threshold were
+    skipped, so that a ratio to it is an upper bound), the rehearsal check's requests, and chunks."""
+    if not s.get("chunk_size"):
+        return {"steps": row["steps"], "request_epochs": row["steps"] * min(batch_size, row["n"]), "checked": 0, "chunks": 1}
+    chunks = json.loads((ledger_dir(tb, s) / "ledger.json").read_text())["chunks"]
+    return {"steps": sum(c["steps"] for c in chunks),
+            "request_epochs": sum(c["epochs"] * (c["requests"] + (c.get("rehearsal") or {}).get("rehearsed", 0))
+                                  for c in chunks),
+            "checked": sum((c.get("rehearsal") or {}).get("checked", 0) for c in chunks), "chunks": len(chunks)}
+
+
+def flops_ratio_8b(seq: dict, batch: dict, chunk: int, tokens_per_request: int = 20) -> dict:
+    """A chunked run's cost over the batch run's by counted flops at LLaMA-3-8B shapes (layers 19-23,
+    d_in 14,336, d_out 4,096), from what each run computed on the testbed (``work``): forward and
+    backward (6 x parameters per token) over its requests, the projection of every step (two
+    Kronecker rotations of each matrix, 2(d_out^2 d_in + d_out d_in^2) flops each), and for the chunks
+    their statistics (forward and backward over the edit texts), an eigendecomposition of every factor
+    per chunk (~9 n^3) and the rehearsal check (a forward per checked request through blocks 19-31
+    and the head: ``crispedit.prefix`` skips the blocks below the first edited one)."""
+    params, d_in, d_out, layers = 8.03e9, 14336, 4096, 5
+    # the check runs blocks 19-31 and the head only (crispedit.prefix): their share of a forward's flops
+    block, head = 2 * 4096 * 4096 + 2 * 4096 * 1024 + 3 * 4096 * 14336, 4096 * 128256
+    check_share = (13 * block + head) / (32 * block + head)
+    t = tokens_per_request
+    projection = layers * 2 * 2 * (d_out ** 2 * d_in + d_out * d_in ** 2)
+    eigh = layers * 9 * (d_in ** 3 + d_out ** 3)
+
+    def loop(w: dict) -> float:
+        return 6 * params * t * w["request_epochs"] + projection * w["steps"]
+
+    parts = {"edit_loop": loop(seq), "statistics": 6 * params * t * chunk * seq["chunks"],
+             "eigendecompositions": eigh * seq["chunks"], "rehearsal_check": 2 * params * t * seq["checked"] * check_share}
+    total_batch = loop(batch) + eigh
+    return {"assumptions": {"tokens_per_request": t, "eigh_flops": "9 n^3 per factor", "check_share_of_a_forward": check_share,
+                            "projection_flops_per_step": projection, "batch_request_epochs": "steps x 32 (lower bound)"},
+            "sequential": seq, "batch": batch, "batch_flops": total_batch,
+            "parts_over_batch": {k: v / total_batch for k, v in parts.items()},
+            "ratio": sum(parts.values()) / total_batch}
 
 
 def num(x: float | None, digits: int = 3) -> str:
@@ -853,12 +893,14 @@ def plot_history(rows: list[dict], path: Path, chunk: int = CHUNK) -> None:
     for ax, (key, label) in zip(axes, metrics):
         for r in rows:
             h = [p for p in r.get("history", []) if p.get(key) is not None]
-            style = "--" if r.get("budget") or r.get("protect_edits") == "mix" or r.get("refresh_drift") else "-"
+            style = "--" if r.get("budget") or r.get("protect_edits") == "mix" or r.get("refresh_drift") else \
+                "-." if r.get("gamma") not in (None, 0.8) else "-"  # another γ: dash-dotted, γ in the label
             # the variants of one method apart: a capability-share floor ◆, rehearsal ■
             marker = "D" if r.get("capability_share") else "s" if r.get("rehearse") not in (None, "none") else "o"
+            name = family(r) + (f" γ {r['gamma']:g}" if r.get("gamma") is not None else "")
             ax.plot([p["edits"] for p in h], [p[key] for p in h], style, marker=marker, markersize=4,
                     color=_colour(family(r)),
-                    label=f"{family(r)} ({r['edited']} of {r['n']}, unfinished)" if "chunks_done" in r else f"{family(r)} ({r['n']})")
+                    label=f"{name} ({r['edited']} of {r['n']}, unfinished)" if "chunks_done" in r else f"{name} ({r['n']})")
         ax.set_xlabel("edits made")
         ax.set_title(label, fontsize=9)
         if key == "heldout_kl":

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from . import __version__
-from .options import (CHUNKED_DEFAULTS, CLOSED_FORM_METHODS, GRADIENT_METHODS, CurvatureOptions, DeltaOptions,
+from .options import (CHUNKED_DEFAULTS, CHUNKED_GAMMA, CLOSED_FORM_METHODS, GRADIENT_METHODS, CurvatureOptions, DeltaOptions,
                       DemoOptions, EditOptions, EvaluateOptions, InspectOptions, LogOptions, MergeOptions, MethodOptions,
                       OptionError, PlanOptions, RevertOptions, coerce, field_type, flag, method_options, validate)
 
@@ -574,6 +574,8 @@ def _edit(o: EditOptions, given: set, info: dict | None, continuing: bool, locks
     if lifelong and info is None and o.method in GRADIENT_METHODS:  # a resumed ledger keeps its own options
         o = dataclasses.replace(o, **{k: v for k, v in CHUNKED_DEFAULTS.items()
                                       if k not in given and not (o.method == "ft" and k == "capability_share")})
+        if o.method == "crispedit" and "gamma" not in given:
+            o = dataclasses.replace(o, gamma=CHUNKED_GAMMA)
     _check_method_options(o, given)
     if not o.model:
         raise UsageError("--model is required (on the command line or in --config)")

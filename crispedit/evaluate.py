@@ -267,9 +267,10 @@ def apply_template(tokenizer, prompt: str, template: str = "raw") -> str:
 
 @torch.no_grad()
 def teacher_forced(model: nn.Module, tokenizer, prompts: Sequence[str], answers: Sequence[str],
-                   batch_size: int = 64) -> list[tuple[list[int], list[int]]]:
+                   batch_size: int = 64, prefix=None) -> list[tuple[list[int], list[int]]]:
     """Per pair, (argmax predictions, answer tokens) at the answer's positions under teacher forcing
-    (right padding; a prompt that starts with BOS gets no second one, see ``encode_prompt``)."""
+    (right padding; a prompt that starts with BOS gets no second one, see ``encode_prompt``).
+    ``prefix``: a ``prefix.PrefixCache`` of ``model``, to run only the blocks from its first on."""
     from .requests import edit_text
 
     device, pad = input_device(model), pad_id(tokenizer)
@@ -281,7 +282,9 @@ def teacher_forced(model: nn.Module, tokenizer, prompts: Sequence[str], answers:
         T = max(len(x) for x, _ in items)
         ids = torch.tensor([x + [pad] * (T - len(x)) for x, _ in items], device=device)
         attn = torch.tensor([[1] * len(x) + [0] * (T - len(x)) for x, _ in items], device=device)
-        pred = model(input_ids=ids, attention_mask=attn, use_cache=False).logits.argmax(-1).cpu()
+        logits = prefix.logits([x for x, _ in items], ids, attn) if prefix is not None else \
+            model(input_ids=ids, attention_mask=attn, use_cache=False).logits
+        pred = logits.argmax(-1).cpu()
         for b, (x, n) in enumerate(items):
             out.append((pred[b, n - 1 : len(x) - 1].tolist(), x[n:]))
     return out

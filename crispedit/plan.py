@@ -376,7 +376,13 @@ def plan(model: str, layers: str = "auto", module: str | None = None, dtype: str
         "max_steps": sum(math.ceil(c / a["batch_size"]) for c in chunk_sizes) * a["epochs"],
         # after every chunk but the last: the edits' statistics (one forward and backward of its edit texts)
         "statistics_per_chunk": 6 * params * chunk * a["edit_tokens"] if len(chunk_sizes) > 1 else 0,
+        # the rehearsal check of the chunked defaults: before each chunk a forward of every earlier edit through
+        # the blocks from the first edited one and the head (crispedit.prefix); its states below, on the host
+        "rehearsal_check_per_edit": 2 * path_params * a["edit_tokens"],
+        "rehearsal_check_total": 2 * path_params * a["edit_tokens"] * sum(sum(chunk_sizes[:k]) for k in range(len(chunk_sizes))),
     }
+    if len(chunk_sizes) > 1:
+        host["rehearsal_states"] = requests * a["edit_tokens"] * h * b if first > 0 else 0
     if budget is not None:  # --budget: counted from what budget.py multiplies (budget.budget_flops)
         from .budget import EXACT_EVERY, budget_flops
 
@@ -585,6 +591,8 @@ def print_plan(result: dict) -> None:
     print(f"  {r['requests']} requests, {chunks}: {f['steps_per_epoch']} steps per epoch, at most {f['max_steps']} steps")
     if f["statistics_per_chunk"]:
         print(f"  the edits' statistics after each chunk    {f['statistics_per_chunk']:.3e}")
+        print(f"  the rehearsal check, all chunks           {f['rehearsal_check_total']:.3e} "
+              f"({f['rehearsal_check_per_edit']:.3e} per earlier edit and chunk: the blocks from the first edited one)")
     lg = r["ledger"]
     print(f"\nledger on disk (edit --ledger with --curvature, CrispEdit), {unit}")
     print(f"  base tensors (once):     {listed(lg['base'])} (edit --corpus adds up to "

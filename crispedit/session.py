@@ -60,6 +60,7 @@ from .editor import (EditOptimizer, KeepAll, build_projectors, check_finite, dri
 from .layers import is_conv1d
 from .ledger import LedgerError
 from .options import CLOSED_FORM_METHODS, MethodOptions
+from .prefix import PrefixCache, first_block
 from .projector import Eigen, KroneckerProjector
 from .requests import EditRequest, edit_text, normalised
 from .running import check_resident, swapped_weights
@@ -188,6 +189,7 @@ class EditSession:
         eigen_cache: str | None = None,
     ):
         self.model, self.tokenizer, self.modules, self.options, self.progress = model, tokenizer, modules, options, progress
+        self.prefix: PrefixCache | None = None  # the rehearsal check's states below the first edited block
         o = options
         check_resident(modules)  # an offloaded matrix (device_map) cannot be edited in place, by any method
         if o.method != "ft" and CAPABILITY not in base_sources:
@@ -503,8 +505,11 @@ class EditSession:
         for i, (_, r) in enumerate(self.requests):  # an edit updated later (same prompt) is not checked
             latest[normalised(r.prompt)] = (i, r)
         past = sorted(latest.values(), key=lambda x: x[0])
+        if self.prefix is None:  # the blocks below the first edited one never change: run them once per edit
+            self.prefix = PrefixCache(self.model, first_block(self.model, list(self.modules)))
         with torch.no_grad():
-            pairs = teacher_forced(self.model, self.tokenizer, [r.prompt for _, r in past], [r.target_new for _, r in past])
+            pairs = teacher_forced(self.model, self.tokenizer, [r.prompt for _, r in past], [r.target_new for _, r in past],
+                                   prefix=self.prefix)
         held = [token_accuracy(pred, gold) for pred, gold in pairs]
         forgotten = [k for k, h in enumerate(held) if h < 1.0]
         if o.rehearse_order == "most-forgotten":

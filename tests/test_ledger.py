@@ -18,7 +18,7 @@ import torch
 from crispedit import ledger
 from crispedit.cli import EXIT_NOT_ALL_EDITED, main
 from crispedit.curvature import collect
-from crispedit.options import MethodOptions
+from crispedit.options import CHUNKED_GAMMA, MethodOptions
 from crispedit.requests import EditRequest
 from crispedit.saving import apply_delta, read_delta
 from crispedit.session import EditSession, SessionError
@@ -404,16 +404,18 @@ def test_chunked_editing_rehearses_by_default_and_a_batch_does_not(world, tmp_pa
     assert main(_edit(world, "--requests", str(world / "first.jsonl"), "--ledger", str(tmp_path / "L"))) == 0
     info = ledger.read(tmp_path / "L")
     assert info["options"]["rehearse"] == "all" and info["chunks"][1]["rehearsal"]["checked"] == 2
-    assert info["options"]["capability_share"] == 0.5
+    assert info["options"]["capability_share"] == 0.5 and info["options"]["gamma"] == CHUNKED_GAMMA
     assert main(_edit(world, "--requests", str(world / "first.jsonl"), "--ledger", str(tmp_path / "M"),
-                      "--rehearse", "none")) == 0
+                      "--rehearse", "none", "--gamma", "0.8")) == 0
     info = ledger.read(tmp_path / "M")
     assert info["options"]["rehearse"] == "none" and "rehearsal" not in info["chunks"][1]  # given: kept, no check
+    assert info["options"]["gamma"] == 0.8
     assert main(_edit(world, "--requests", str(world / "first.jsonl"), "--ledger", str(tmp_path / "F"),
                       "--method", "ft", "--capability-share", "0")) == 2  # ft protects nothing: no share to floor
     assert main(_edit(world, "--requests", str(world / "first.jsonl"), "--ledger", str(tmp_path / "F"),
                       "--method", "ft")) == 0
     assert ledger.read(tmp_path / "F")["options"]["capability_share"] is None
+    assert ledger.read(tmp_path / "F")["options"]["gamma"] is None  # ft projects nothing
     assert main(_edit(world, "--requests", str(world / "first.jsonl"), "--ledger", str(tmp_path / "O"),
                       "--rehearse-order", "oldest")) == 0  # the order of the default rehearsal
     assert ledger.read(tmp_path / "O")["options"]["rehearse_order"] == "oldest"
@@ -425,4 +427,4 @@ def test_chunked_editing_rehearses_by_default_and_a_batch_does_not(world, tmp_pa
     del batch[batch.index("--chunk-size") : batch.index("--chunk-size") + 2]
     assert main(batch) == 0
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
-    assert manifest["options"]["rehearse"] is None
+    assert manifest["options"]["rehearse"] is None and manifest["options"]["gamma"] is None  # one batch: 0.8

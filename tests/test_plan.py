@@ -166,6 +166,13 @@ def test_plan_defaults_to_edit_dtype_and_counts_chunks(tmp_path, capsys):
     f = p["flops"]
     assert (f["chunks"], f["chunk_size"], f["steps_per_epoch"]) == (3, 30, 1)
     assert f["max_steps"] == 3 * 25 and f["statistics_per_chunk"] > 0
+    # the check: chunk k runs every earlier edit (0, 30, 60 of them) from the first edited block on
+    assert f["rehearsal_check_total"] == f["rehearsal_check_per_edit"] * (0 + 30 + 60)
+    whole = 2 * 20 * (sum(q.numel() for q in model.parameters()) - model.get_input_embeddings().weight.numel())
+    upper = plan(str(tmp_path), layers="2", requests=70, chunk_size=30)
+    blocks_0_1 = 2 * 20 * sum(q.numel() for n, q in model.named_parameters() if ".layers.0." in n or ".layers.1." in n)
+    assert upper["flops"]["rehearsal_check_per_edit"] == whole - blocks_0_1  # block 2, the norm and the head
+    assert upper["memory"]["host"]["rehearsal_states"] == 70 * 20 * model.config.hidden_size * 4  # h_2 per edit, float32
     assert p["ledger"]["chunks"] == 3 and p["ledger"]["total_all_chunks"] > p["ledger"]["total_one_chunk"]
     one = plan(str(tmp_path), requests=70)
     assert one["flops"]["chunks"] == 1 and one["flops"]["steps_per_epoch"] == 3 and one["flops"]["statistics_per_chunk"] == 0

@@ -207,9 +207,10 @@ def _run(tmp_path, files, options, ledger_dir=None, resume=None, dtype=torch.flo
     return session
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
-def test_resume_is_bit_identical_to_one_run(tmp_path, dtype):
-    o = MethodOptions(lr=1e-2, epochs=2, batch_size=2, chunk_size=3, gamma=0.8)
+@pytest.mark.parametrize("dtype, extra", [(torch.float64, {}), (torch.bfloat16, {}),
+                                          (torch.float64, {"rehearse": "all"})])
+def test_resume_is_bit_identical_to_one_run(tmp_path, dtype, extra):
+    o = MethodOptions(lr=1e-2, epochs=2, batch_size=2, chunk_size=3, gamma=0.8, **extra)
     whole = _run(tmp_path, [REQUESTS[:5], REQUESTS[5:9]], o, dtype=dtype)
     _run(tmp_path, [REQUESTS[:5]], o, ledger_dir=tmp_path / "L", dtype=dtype)
     resumed = _run(tmp_path, [REQUESTS[5:9]], o, resume=tmp_path / "L", dtype=dtype)
@@ -409,6 +410,7 @@ def test_a_forgotten_edit_is_rehearsed_once_and_recovers():
     fourth = session.edit(REQUESTS[6:8])
     assert session.history[2]["rehearsal"]["recovered"] == r["rehearsed"]  # all hold after the chunk that rehearsed them
     assert fourth["rehearsal"]["checked"] == 6
+    assert session.prefix.k == 1 and session.prefix.verified  # the check ran blocks 1-2 from cached states
     capped, _ = _session(lr=1e-1, epochs=60, batch_size=4, gamma=0.3, rehearse="1", loss_threshold=1e-3)
     capped.edit_all(REQUESTS[:6], 2)
     assert capped.history[2]["rehearsal"]["rehearsed"] == 1 < capped.history[2]["rehearsal"]["forgotten"]
