@@ -142,11 +142,11 @@ def grid_v2(n: int, blocks: dict[str, list[int]]) -> list[dict]:
     return runs
 
 
-def sequential_grid_v2(n: int, blocks: dict[str, list[int]], base: dict, chunk: int = CHUNK) -> list[dict]:
-    """Chunked runs on a deeper testbed: CrispEdit with the chunked defaults (``CHUNKED_DEFAULTS``), ft
-    (rehearsing, as chunked ft does by default), AlphaEdit."""
+def sequential_grid_v2(n: int, blocks: dict[str, list[int]], chunk: int = CHUNK) -> list[dict]:
+    """Chunked runs on a deeper testbed: CrispEdit with the chunked defaults (``CHUNKED_DEFAULTS`` at
+    ``CHUNKED_GAMMA``), ft (rehearsing, as chunked ft does by default), AlphaEdit."""
     seq = dict(chunk_size=chunk)
-    return [spec("crispedit", n, **seq, **{**CHUNKED_DEFAULTS, **base}), spec("ft", n, **seq, rehearse="all"),
+    return [spec("crispedit", n, CHUNKED_GAMMA, **seq, **CHUNKED_DEFAULTS), spec("ft", n, **seq, rehearse="all"),
             spec("alphaedit", n, layers=blocks["closed_form"], settings="easyedit", **seq)]
 
 
@@ -177,7 +177,7 @@ def sequential_grid(n: int, n_short: int, all_blocks: list[int], chunk: int = CH
 # 30 capability documents, gamma 0.999, past edits weighted by their tokens (edit weight 1), the mix cache;
 # 25 epochs per chunk with early stop at loss 0.01, Adam 5e-4, batch 32 are the schedule of every run here.
 AUTHORS_SEQUENTIAL = dict(gamma=0.999, cap_docs=30, edit_weight=1.0, protect_edits="mix")
-SEQUENTIAL_BASE = dict(gamma=0.8)  # the chunked settings the rehearse and protect grids build on (--base)
+SEQUENTIAL_BASE = dict(gamma=0.8)  # the chunked settings the rehearse grid builds on (--base)
 
 
 def recipe_grid(n: int, chunk: int = CHUNK) -> list[dict]:
@@ -206,28 +206,32 @@ def rehearse_grid(n: int, base: dict, chunk: int = CHUNK) -> list[dict]:
 
 def confirm_grid(n: int, chunk: int = CHUNK) -> list[dict]:
     """The best chunked settings at 1,000 edits, confirmed at ``n``: at gamma 0.8 rehearsal with and
-    without a capability-share floor; the chunked defaults (gamma ``CHUNKED_GAMMA``, rehearsal, floor)."""
+    without a capability-share floor; the chunked defaults (gamma ``CHUNKED_GAMMA``, rehearsal, floor), and
+    those with Adam's step projected too."""
     seq = dict(chunk_size=chunk, rehearse="all")
     return [spec("crispedit", n, 0.8, **seq), spec("crispedit", n, 0.8, **seq, capability_share=0.5),
-            spec("crispedit", n, CHUNKED_GAMMA, chunk_size=chunk, **CHUNKED_DEFAULTS)]
+            spec("crispedit", n, CHUNKED_GAMMA, chunk_size=chunk, **CHUNKED_DEFAULTS),
+            spec("crispedit", n, CHUNKED_GAMMA, chunk_size=chunk, **CHUNKED_DEFAULTS, optimizer="adam-projected-step")]
 
 
 def tradeoff_grid(n: int, chunk: int = CHUNK) -> list[dict]:
     """Rehearsal and the share floor (``CHUNKED_DEFAULTS``) at gamma 0.8, 0.9, 0.95 and 0.99, and at
-    ``CHUNKED_GAMMA`` with a higher floor (0.8): where rehearsal keeps reliability, how much more a
-    stricter projector keeps of the known facts and held-out text."""
+    ``CHUNKED_GAMMA`` with a higher floor (0.8) and with Adam's step projected too: where rehearsal
+    keeps reliability, how much more a stricter projector keeps of the known facts and held-out text."""
     seq = dict(chunk_size=chunk, **CHUNKED_DEFAULTS)
     return [spec("crispedit", n, g, **seq) for g in (0.8, 0.9, 0.95, 0.99)] + \
-        [spec("crispedit", n, CHUNKED_GAMMA, **{**seq, "capability_share": 0.8})]
+        [spec("crispedit", n, CHUNKED_GAMMA, **{**seq, "capability_share": 0.8}),
+         spec("crispedit", n, CHUNKED_GAMMA, **seq, optimizer="adam-projected-step")]
 
 
-def protect_grid(n_batch: int, n_seq: int, base: dict, split: int = 1000, chunk: int = CHUNK) -> list[dict]:
+def protect_grid(n_batch: int, n_seq: int, split: int = 1000, chunk: int = CHUNK) -> list[dict]:
     """Known unedited facts: the first ``split`` known ones protected (``--protect``), the rest scored,
-    with and without the protection, in one batch and in chunks."""
+    with and without the protection, in one batch (gamma 0.8) and in chunks (the chunked defaults)."""
     out = []
     for protect in (False, True):
         out.append(spec("crispedit", n_batch, 0.8, known_split=split, protect_known=protect))
-        out.append(spec("crispedit", n_seq, chunk_size=chunk, **base, known_split=split, protect_known=protect))
+        out.append(spec("crispedit", n_seq, CHUNKED_GAMMA, chunk_size=chunk, **CHUNKED_DEFAULTS, known_split=split,
+                        protect_known=protect))
     return out
 
 
@@ -583,7 +587,7 @@ def main() -> None:
     ap.add_argument("--only", nargs="+", default=["batch", "weights", "sequential", "stories"],
                     choices=["batch", "weights", "sequential", "stories", "recipe", "rehearse", "confirm", "protect", "tradeoff"])
     ap.add_argument("--base", default=json.dumps(SEQUENTIAL_BASE),
-                    help="JSON: the chunked CrispEdit settings the rehearse and protect grids build on")
+                    help="JSON: the chunked CrispEdit settings the rehearse grid builds on")
     a = ap.parse_args()
     testbed = Path(a.testbed) if a.testbed else default_testbed()
     if not (testbed / "build.json").exists():
@@ -624,7 +628,7 @@ def main() -> None:
         write_results(results, out)
     if "sequential" in a.only and tb.n_large:
         specs = sequential_grid(tb.n_large, tb.n_small, tb.all_blocks, a.chunk, a.edit_weight) \
-            if tb.blocks["crispedit"] == tb.all_blocks else sequential_grid_v2(tb.n_large, tb.blocks, base, a.chunk)
+            if tb.blocks["crispedit"] == tb.all_blocks else sequential_grid_v2(tb.n_large, tb.blocks, a.chunk)
         seq = run_all(tb, specs, a)
         partial = unfinished(tb, specs, a)
         batch_path = run_path(tb, spec("crispedit", tb.n_large, 0.8), a)  # the batch run of the same edits, when done
@@ -681,8 +685,8 @@ def main() -> None:
         write_results(results, out)
         print(table(rows))
     if "protect" in a.only and tb.n_large:
-        rows = run_all(tb, protect_grid(tb.n_small, tb.n_large, base, chunk=a.chunk), a)
-        results["protect_known"] = {"base": base, "rows": rows}
+        rows = run_all(tb, protect_grid(tb.n_small, tb.n_large, chunk=a.chunk), a)
+        results["protect_known"] = {"rows": rows}
         write_results(results, out)
         print(table(rows))
     if "stories" in a.only:

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from .layers import decoder_blocks
+from .running import input_device
 
 
 class _Captured(Exception):
@@ -50,8 +51,7 @@ class PrefixCache:
 
         handle = self.blocks[self.k].register_forward_pre_hook(grab, with_kwargs=True)
         try:
-            device = next(self.model.parameters()).device
-            self.model(input_ids=torch.tensor([list(ids)], device=device), use_cache=False)
+            self.model(input_ids=torch.tensor([list(ids)], device=input_device(self.model)), use_cache=False)
         except _Captured:
             pass
         finally:
@@ -71,7 +71,7 @@ class PrefixCache:
 
     @contextlib.contextmanager
     def upper_only(self, states: Tensor) -> Iterator[None]:
-        """Within the block, a forward of the model runs blocks ``k..`` from ``states``."""
+        """Inside the ``with``, a forward of the model runs blocks ``k..`` from ``states``."""
         parent = self.model.get_submodule(self.parent_name.rsplit(".", 1)[0]) if "." in self.parent_name else self.model
         attr = self.parent_name.rsplit(".", 1)[-1]
         first = self.blocks[self.k]
