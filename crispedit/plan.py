@@ -65,9 +65,10 @@ ASSUMED = {
     # a line of requests-K.jsonl: 316 bytes on average over the first 3,000 records of counterfact-edit-8k
     # (prompt, target, subject, true answer, one rephrase, one neighbour, case id)
     "request_line_bytes": 316,
-    # edits rehearsed per chunk after the first, as a share of the chunk: 1,192 over chunks 2-30 of 100 on the
-    # CounterFact testbed with the chunked defaults (benchmarks/results/testbed-sequential.json, "confirmed")
-    "rehearsed_share": 0.41,
+    # edits rehearsed per chunk after the first, as a share of the chunk: 903 over chunks 2-30 of 100 on the
+    # CounterFact testbed with the chunked defaults, gamma 0.95 (benchmarks/results/testbed-sequential.json,
+    # "confirmed"; 1,192 at gamma 0.8)
+    "rehearsed_share": 0.31,
 }
 
 # The JSON text of a ledger, estimated (bytes; fitted on ledgers of 1 and 2 modules, 2 and 4 chunks, of the tiny
