@@ -9,7 +9,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from bench_testbed import cached, family, grid, ledger_dir, matched, run_path, sequential_grid, unfinished  # noqa: E402
+from bench_testbed import cached, family, flops_ratio_8b, grid, ledger_dir, matched, run_path, sequential_grid, unfinished  # noqa: E402
 from build_testbed import majority_baseline, mentions, select_facts, statements, wikitext_articles  # noqa: E402
 
 
@@ -167,3 +167,21 @@ def test_edit_blocks_placed_as_at_8b():
     assert edit_blocks(32) == {"crispedit": [19, 20, 21, 22, 23], "closed_form": [4, 5, 6, 7, 8]}
     assert edit_blocks(8) == {"crispedit": [5, 6], "closed_form": [1, 2]}
     assert edit_blocks(4) == {"crispedit": [0, 1, 2, 3], "closed_form": [0, 1]}  # v1 as it was measured
+
+
+def test_the_8b_flop_count_charges_each_run_what_it_did():
+    """A chunked run that did exactly what the batch did costs the batch plus its chunks' statistics and
+    eigendecompositions; every further step, request-epoch or checked edit adds its own flops."""
+    batch = {"steps": 100, "request_epochs": 3200, "checked": 0, "chunks": 1}
+    same = flops_ratio_8b(dict(batch), batch, chunk=100)
+    parts = same["parts_over_batch"]
+    assert same["ratio"] == pytest.approx(parts["edit_loop"] + parts["statistics"] + parts["eigendecompositions"])
+    assert parts["edit_loop"] + parts["eigendecompositions"] == pytest.approx(1.0)  # the batch's own loop and eigh
+    share = same["assumptions"]["check_share_of_a_forward"]
+    assert 0.44 < share < 0.46  # blocks 19-31 and the head of LLaMA-3-8B
+    checked = flops_ratio_8b({**batch, "checked": 1000}, batch, chunk=100)
+    assert (checked["ratio"] - same["ratio"]) * same["batch_flops"] == pytest.approx(2 * 8.03e9 * 20 * 1000 * share)
+    steps = flops_ratio_8b({**batch, "steps": 200}, batch, chunk=100)
+    projection = same["assumptions"]["projection_flops_per_step"]
+    assert (steps["ratio"] - same["ratio"]) * same["batch_flops"] == pytest.approx(100 * projection)
+    assert projection == 5 * 2 * 2 * (4096 ** 2 * 14336 + 4096 * 14336 ** 2)
