@@ -7,11 +7,15 @@ import contextlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
 from .running import hf_forward, input_device, pad_batch, pad_id, swapped_weights
+
+if TYPE_CHECKING:
+    from .prefix import PrefixCache
 
 
 # text_drift: positions whose float32 log-probabilities exist at once (at most three such arrays:
@@ -267,10 +271,10 @@ def apply_template(tokenizer, prompt: str, template: str = "raw") -> str:
 
 @torch.no_grad()
 def teacher_forced(model: nn.Module, tokenizer, prompts: Sequence[str], answers: Sequence[str],
-                   batch_size: int = 64, prefix=None) -> list[tuple[list[int], list[int]]]:
+                   batch_size: int = 64, prefix: PrefixCache | None = None) -> list[tuple[list[int], list[int]]]:
     """Per pair, (argmax predictions, answer tokens) at the answer's positions under teacher forcing
     (right padding; a prompt that starts with BOS gets no second one, see ``encode_prompt``).
-    ``prefix``: a ``prefix.PrefixCache`` of ``model``, to run only the blocks from its first on."""
+    ``prefix``: a ``PrefixCache`` of ``model``, to run only the blocks from its first on."""
     from .requests import edit_text
 
     device, pad = input_device(model), pad_id(tokenizer)

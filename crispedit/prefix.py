@@ -29,6 +29,11 @@ class _Captured(Exception):
     """Stops a forward once the input of block ``k`` is captured."""
 
 
+def _hidden(args: tuple, kwargs: dict) -> Tensor:
+    """The hidden states a decoder block is called with (positionally or by name)."""
+    return args[0] if args else kwargs["hidden_states"]
+
+
 class PrefixCache:
     """``h_k`` per token sequence, and the model run from block ``k`` on."""
 
@@ -46,7 +51,7 @@ class PrefixCache:
         out = {}
 
         def grab(module, args, kwargs):
-            out["h"] = (args[0] if args else kwargs["hidden_states"]).detach()
+            out["h"] = _hidden(args, kwargs).detach()
             raise _Captured
 
         handle = self.blocks[self.k].register_forward_pre_hook(grab, with_kwargs=True)
@@ -77,8 +82,8 @@ class PrefixCache:
         first = self.blocks[self.k]
 
         def put(module, args, kwargs):
-            h = states.to(device=(args[0] if args else kwargs["hidden_states"]).device,
-                          dtype=(args[0] if args else kwargs["hidden_states"]).dtype)
+            given = _hidden(args, kwargs)
+            h = states.to(device=given.device, dtype=given.dtype)
             return ((h, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": h})
 
         handle = first.register_forward_pre_hook(put, with_kwargs=True)
