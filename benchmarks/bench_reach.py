@@ -45,6 +45,10 @@ SETTINGS = {
     # the ceiling: the residual nearly unbounded (clamp 100), no KL or decay term, 300 steps
     "unbounded, 300 steps": {"v_lr": 0.5, "clamp_norm_factor": 100.0, "v_weight_decay": 0.0, "kl_factor": 0.0,
                              "v_num_grad_steps": 300},
+    # the same without MEMIT's generated context prefixes: the residual has to work on the plain prompt only
+    "easyedit, no prefixes": {**CLOSED_FORM_SETTINGS["easyedit"], "prefix_count": 0},
+    "unbounded, no prefixes, 300 steps": {"v_lr": 0.5, "clamp_norm_factor": 100.0, "v_weight_decay": 0.0, "kl_factor": 0.0,
+                                          "v_num_grad_steps": 300, "prefix_count": 0},
 }
 
 
@@ -76,7 +80,10 @@ def main() -> None:
             prefixes = context_prefixes(model, tok, 0, cfg.prefix_count, cfg.prefix_length, cfg.prefix_top_k)
             wall, cpu, t = timed(lambda: compute_targets(model, tok, block, requests, prefixes, cfg))
             probs = [loss["prob"] for loss in t.losses]
+            plain = [loss["prob_plain"] for loss in t.losses]
             return {"setting": name, "changes": change, "target_probability": sum(probs) / len(probs),
+                    "target_probability_plain_prompt": sum(plain) / len(plain),
+                    "share_at_least_0.9_plain_prompt": sum(p >= 0.9 for p in plain) / len(plain),
                     "share_above_half": sum(p > 0.5 for p in probs) / len(probs),
                     "share_at_least_0.9": sum(p >= 0.9 for p in probs) / len(probs),
                     "steps": sum(t.steps), "wall_s": wall, "cpu_s": cpu}

@@ -573,7 +573,7 @@ def _edit(o: EditOptions, given: set, info: dict | None, continuing: bool, locks
     lifelong = chunked or bool(o.ledger)  # a new ledger is a history to be continued: chunked from its start
     if lifelong and info is None and o.method in GRADIENT_METHODS:  # a resumed ledger keeps its own options
         o = dataclasses.replace(o, **{k: v for k, v in CHUNKED_DEFAULTS.items()
-                                      if k not in given and not (o.method == "ft" and k == "capability_share")})
+                                      if k not in given and not (o.method == "ft" and k in ("capability_share", "optimizer"))})
         if o.method == "crispedit" and "gamma" not in given:
             o = dataclasses.replace(o, gamma=CHUNKED_GAMMA)
     _check_method_options(o, given)

@@ -394,7 +394,8 @@ class Targets:
     z: Tensor  # [n, d_model] float64: h + δ, what the last edited block should output at the subject
     h: Tensor  # [n, d_model] float64: the block output there before editing
     steps: list[int]  # Adam steps per request
-    losses: list[dict]  # per request, at its last forward: nll, kl, weight_decay, loss, prob (mean P(target))
+    losses: list[dict]  # per request, at its last forward: nll, kl, weight_decay, loss, prob (mean P(target) over the
+    # prefixes), prob_plain (P(target) on the prompt with the empty prefix)
 
 
 @dataclass
@@ -515,7 +516,8 @@ def _optimise(model: nn.Module, block: nn.Module, rows: list[list[_Row]], h: Ten
             nll = nll_each.mean()
             decay = cfg.v_weight_decay * delta[r].norm() / h_norm[r] ** 2
             loss[r] = nll + cfg.kl_factor * kl_now[r] + decay
-            parts = dict(nll=nll, kl=kl_now[r], weight_decay=decay, loss=loss[r], prob=torch.exp(-nll_each).mean())
+            parts = dict(nll=nll, kl=kl_now[r], weight_decay=decay, loss=loss[r], prob=torch.exp(-nll_each).mean(),
+                         prob_plain=torch.exp(-nll_each[0]))  # rows[r][0]: the prompt with the empty prefix
             last[r] = {k: float(v.detach()) for k, v in parts.items()}
         going = [r for r in active if loss[r].item() >= cfg.loss_stop] if it < cfg.v_num_grad_steps - 1 else []
         if not going:

@@ -23,7 +23,8 @@ Flops per optimiser step: ``6 · parameters · tokens`` for the forward and back
 (the usual count; with frozen weights the backward is cheaper, see ``frozen_backward``) plus the
 projection of every edited gradient (``projector.projection_flops``), with the removed ranks
 ``r_A``, ``r_G`` estimated from gamma (``REMOVED_FRACTIONS``). With ``chunk_size``, steps and the
-edits' statistics pass are per chunk. With ``budget`` (``--budget``) the capability budget too, counted from
+edits' statistics pass are per chunk, and each step projects twice (the chunked defaults project Adam's
+step too). With ``budget`` (``--budget``) the capability budget too, counted from
 what ``budget.py`` multiplies and keeps (``budget_flops``: while it holds, a step that cuts, the worst mean
 over ``EXACT_EVERY`` steps; ``budget_memory``: its anchor and ``H₀`` in the state, its scratch in the step).
 
@@ -363,6 +364,8 @@ def plan(model: str, layers: str = "auto", module: str | None = None, dtype: str
     chunk = min(chunk_size or requests, requests)
     chunk_sizes = [min(chunk, requests - c) for c in range(0, requests, chunk)]
     steps_per_epoch = math.ceil(chunk / a["batch_size"])
+    # chunked editing projects Adam's step as well as the gradient (CHUNKED_DEFAULTS: adam-projected-step)
+    projections = 2 if chunk_size is not None else 1
     flops = {
         "tokens_per_step": Ne,
         "forward_backward": fb,
@@ -371,7 +374,8 @@ def plan(model: str, layers: str = "auto", module: str | None = None, dtype: str
         "projection": sum(p["flops"] for p in proj.values()),
         "projection_per_matrix": proj,
         "removed_fractions": {"r_A/d_in": fr_A, "r_G/d_out": fr_G, "estimate": True},
-        "per_step": fb + sum(p["flops"] for p in proj.values()),
+        "projections_per_step": projections,
+        "per_step": fb + projections * sum(p["flops"] for p in proj.values()),
         "chunks": len(chunk_sizes), "chunk_size": chunk,
         "steps_per_epoch": steps_per_epoch,  # of a chunk (of the batch without chunk_size)
         "max_steps": sum(math.ceil(c / a["batch_size"]) for c in chunk_sizes) * a["epochs"],
@@ -579,7 +583,8 @@ def print_plan(result: dict) -> None:
     print(f"  forward + backward (6 · params · tokens)  {f['forward_backward']:.3e}"
           f"   (frozen weights: {f['frozen_backward']:.3e})")
     print(f"  projection (estimate: r_A/d_in {fr['r_A/d_in']:.2f}, r_G/d_out {fr['r_G/d_out']:.2f} at gamma "
-          f"{r['gamma']:g})  {f['projection']:.3e}")
+          f"{r['gamma']:g})  {f['projection']:.3e}" + (f" × {f['projections_per_step']} (chunked editing projects "
+                                                        "Adam's step too)" if f["projections_per_step"] > 1 else ""))
     print(f"  per step                                  {f['per_step']:.3e}")
     if "budget" in f:
         bf = f["budget"]

@@ -405,17 +405,20 @@ def test_chunked_editing_rehearses_by_default_and_a_batch_does_not(world, tmp_pa
     info = ledger.read(tmp_path / "L")
     assert info["options"]["rehearse"] == "all" and info["chunks"][1]["rehearsal"]["checked"] == 2
     assert info["options"]["capability_share"] == 0.5 and info["options"]["gamma"] == CHUNKED_GAMMA
+    assert [c["settings"]["loss_threshold"] for c in info["chunks"]] == [0.2, 0.2]  # a chunk stops early
+    assert info["options"]["optimizer"] == "adam-projected-step"
     assert main(_edit(world, "--requests", str(world / "first.jsonl"), "--ledger", str(tmp_path / "M"),
-                      "--rehearse", "none", "--gamma", "0.8")) == 0
+                      "--rehearse", "none", "--gamma", "0.8", "--loss-threshold", "0.01")) == 0
     info = ledger.read(tmp_path / "M")
     assert info["options"]["rehearse"] == "none" and "rehearsal" not in info["chunks"][1]  # given: kept, no check
-    assert info["options"]["gamma"] == 0.8
+    assert info["options"]["gamma"] == 0.8 and info["chunks"][0]["settings"]["loss_threshold"] == 0.01
     assert main(_edit(world, "--requests", str(world / "first.jsonl"), "--ledger", str(tmp_path / "F"),
                       "--method", "ft", "--capability-share", "0")) == 2  # ft protects nothing: no share to floor
     assert main(_edit(world, "--requests", str(world / "first.jsonl"), "--ledger", str(tmp_path / "F"),
                       "--method", "ft")) == 0
     assert ledger.read(tmp_path / "F")["options"]["capability_share"] is None
     assert ledger.read(tmp_path / "F")["options"]["gamma"] is None  # ft projects nothing
+    assert ledger.read(tmp_path / "F")["options"]["optimizer"] == "adam"
     assert main(_edit(world, "--requests", str(world / "first.jsonl"), "--ledger", str(tmp_path / "O"),
                       "--rehearse-order", "oldest")) == 0  # the order of the default rehearsal
     assert ledger.read(tmp_path / "O")["options"]["rehearse_order"] == "oldest"
@@ -428,3 +431,4 @@ def test_chunked_editing_rehearses_by_default_and_a_batch_does_not(world, tmp_pa
     assert main(batch) == 0
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["options"]["rehearse"] is None and manifest["options"]["gamma"] is None  # one batch: 0.8
+    assert manifest["options"]["loss_threshold"] == 0.01 and manifest["options"]["optimizer"] == "adam"

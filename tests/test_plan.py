@@ -96,6 +96,9 @@ def test_auto_layers_of_a_llama3_8b_configuration_offline(tmp_path, monkeypatch)
     f = projection_flops(4096, 14336, 4096, r_A)
     assert p["flops"]["projection"] == 5 * min(f["dense"], f["corner"])
     assert p["flops"]["forward_backward"] == 6 * 8_030_261_248 * 32 * 20
+    assert p["flops"]["per_step"] == p["flops"]["forward_backward"] + p["flops"]["projection"]
+    chunked = plan(str(tmp_path), dtype="bfloat16", chunk_size=100)["flops"]  # Adam's step projected too
+    assert chunked["per_step"] == chunked["forward_backward"] + 2 * chunked["projection"]
 
 
 # a ledger's JSON text is estimated (plan.LEDGER_JSON, ASSUMED["request_line_bytes"]): within this share or this many

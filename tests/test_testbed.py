@@ -172,7 +172,7 @@ def test_edit_blocks_placed_as_at_8b():
 def test_the_8b_flop_count_charges_each_run_what_it_did():
     """A chunked run that did exactly what the batch did costs the batch plus its chunks' statistics and
     eigendecompositions; every further step, request-epoch or checked edit adds its own flops."""
-    batch = {"steps": 100, "request_epochs": 3200, "checked": 0, "chunks": 1}
+    batch = {"steps": 100, "projections": 100, "request_epochs": 3200, "checked": 0, "chunks": 1}
     same = flops_ratio_8b(dict(batch), batch, chunk=100)
     parts = same["parts_over_batch"]
     assert same["ratio"] == pytest.approx(parts["edit_loop"] + parts["statistics"] + parts["eigendecompositions"])
@@ -181,7 +181,30 @@ def test_the_8b_flop_count_charges_each_run_what_it_did():
     assert 0.44 < share < 0.46  # blocks 19-31 and the head of LLaMA-3-8B
     checked = flops_ratio_8b({**batch, "checked": 1000}, batch, chunk=100)
     assert (checked["ratio"] - same["ratio"]) * same["batch_flops"] == pytest.approx(2 * 8.03e9 * 20 * 1000 * share)
-    steps = flops_ratio_8b({**batch, "steps": 200}, batch, chunk=100)
     projection = same["assumptions"]["projection_flops_per_step"]
-    assert (steps["ratio"] - same["ratio"]) * same["batch_flops"] == pytest.approx(100 * projection)
+    for more in ({"steps": 200, "projections": 200}, {"projections": 200}):  # 100 more steps; Adam's steps projected too
+        again = flops_ratio_8b({**batch, **more}, batch, chunk=100)
+        assert (again["ratio"] - same["ratio"]) * same["batch_flops"] == pytest.approx(100 * projection)
     assert projection == 5 * 2 * 2 * (4096 ** 2 * 14336 + 4096 * 14336 ** 2)
+
+
+def test_causal_tracing_hooks_are_exact():
+    """bench_trace: without noise every condition is the clean model; a site put back at the last block
+    changes nothing at the answer (its later positions have read the noised subject already)."""
+    from bench_trace import subject_span, trace
+    from models import char_tokenizer, tiny_hf
+
+    from crispedit.requests import EditRequest
+
+    tok = char_tokenizer()
+    reqs = [EditRequest(prompt="the tongue of ann lee is", subject="ann lee", target_new="x", ground_truth="dutch"),
+            EditRequest(prompt="bob speaks", subject="bob", target_new="x", ground_truth="french")]
+    assert subject_span(tok, reqs[0].prompt, "ann lee") == list(range(15, 22))  # BOS, then one token per character
+    model = tiny_hf("llama", layers=3, vocab=len(tok))
+    quiet = trace(model, tok, reqs, noise=0.0)
+    assert quiet["requests"] == 2 and quiet["noise_all"] == quiet["clean"] == quiet["noise_last"]
+    assert all(p == quiet["clean"] for site in ("last_subject", "subject", "last_prompt") for p in quiet[f"restore_{site}"])
+    loud = trace(model, tok, reqs, noise=3.0)
+    assert loud["noise_all"] != loud["clean"] and len(loud["restore_subject"]) == 3
+    assert loud["restore_subject"][-1] == loud["restore_last_subject"][-1] == loud["noise_all"]
+    assert loud["recovered_subject"][-1] == 0.0 and loud["recovered_last_prompt"][-1] != 0.0
