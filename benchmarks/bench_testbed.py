@@ -71,7 +71,7 @@ from crispedit.evaluate import known_facts_filter, metric, prepare_reference  # 
 from crispedit.history import HistoryProbe  # noqa: E402
 from crispedit.layers import find_modules  # noqa: E402
 from crispedit.model import load_model  # noqa: E402
-from crispedit.options import CHUNKED_DEFAULTS, CHUNKED_GAMMA, MethodOptions  # noqa: E402
+from crispedit.options import CHUNKED_DEFAULTS, CHUNKED_GAMMA, MethodOptions, chunked_defaults  # noqa: E402
 from crispedit.requests import EditRequest, read_requests  # noqa: E402
 from crispedit.session import EditSession  # noqa: E402
 
@@ -150,10 +150,9 @@ def sequential_grid_v2(n: int, blocks: dict[str, list[int]], chunk: int = CHUNK)
     ``CHUNKED_GAMMA``) and with Adam's step not projected; ft (rehearsing and stopping early, as chunked
     ft does by default); AlphaEdit."""
     seq = dict(chunk_size=chunk)
-    ft = {k: v for k, v in CHUNKED_DEFAULTS.items() if k not in ("capability_share", "optimizer")}  # as the CLI gives chunked ft
     return [spec("crispedit", n, CHUNKED_GAMMA, **seq, **CHUNKED_DEFAULTS),
             spec("crispedit", n, CHUNKED_GAMMA, **seq, **REHEARSAL, loss_threshold=0.2),  # Adam's step not projected
-            spec("ft", n, **seq, **ft),
+            spec("ft", n, **seq, **chunked_defaults("ft")),  # as the CLI gives chunked ft
             spec("alphaedit", n, layers=blocks["closed_form"], settings="easyedit", **seq)]
 
 
@@ -652,10 +651,11 @@ def main() -> None:
             if tb.blocks["crispedit"] == tb.all_blocks else sequential_grid_v2(tb.n_large, tb.blocks, a.chunk)
         seq = run_all(tb, specs, a)
         partial = unfinished(tb, specs, a)
-        batch = run_all(tb, [spec("crispedit", tb.n_large, 0.8)], a)  # the same edits in one batch (--rows 'crispedit n3000 g0.8')
+        batch_spec = spec("crispedit", tb.n_large, 0.8)
+        batch = run_all(tb, [batch_spec], a)  # the same edits in one batch (--rows 'crispedit n3000 g0.8')
         first = specs[0]  # CrispEdit with the options of its grid
         results["sequential"] = {"rows": seq, "unfinished": partial, "time": time_ratio(seq, batch),
-                                 "flops_8b": flops_ratio_8b(work(tb, first, seq[0]), work(tb, spec("crispedit", tb.n_large, 0.8), batch[0]), a.chunk)
+                                 "flops_8b": flops_ratio_8b(work(tb, first, seq[0]), work(tb, batch_spec, batch[0]), a.chunk)
                                  if batch and seq and run_path(tb, first, a).exists() else None}
         write_results(results, out)
         print(table(seq))

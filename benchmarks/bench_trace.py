@@ -75,10 +75,10 @@ def trace(model, tok, requests, noise: float, seed: int = 0) -> dict:
         ids = torch.tensor(tok(edit_text(r.prompt, r.ground_truth))["input_ids"])
         last = n_prompt - 1
 
-        def noised(positions, i=i):
-            gen = torch.Generator().manual_seed(seed * 100003 + i)  # the same noise in every condition
-            z = torch.randn(len(ids), embed.weight.shape[1], generator=gen, dtype=torch.float64) * sigma
+        gen = torch.Generator().manual_seed(seed * 100003 + i)  # one draw per request: the same noise in every condition
+        z = torch.randn(len(ids), embed.weight.shape[1], generator=gen, dtype=torch.float64) * sigma
 
+        def noised(positions, z=z):
             def fn(mod, args, out):
                 out = out.clone()
                 out[0, positions] += z[positions].to(out.dtype)

@@ -20,9 +20,9 @@ import time
 from pathlib import Path
 
 from . import __version__
-from .options import (CHUNKED_DEFAULTS, CHUNKED_GAMMA, CLOSED_FORM_METHODS, GRADIENT_METHODS, CurvatureOptions, DeltaOptions,
+from .options import (CLOSED_FORM_METHODS, GRADIENT_METHODS, CurvatureOptions, DeltaOptions,
                       DemoOptions, EditOptions, EvaluateOptions, InspectOptions, LogOptions, MergeOptions, MethodOptions,
-                      OptionError, PlanOptions, RevertOptions, coerce, field_type, flag, method_options, validate)
+                      OptionError, PlanOptions, RevertOptions, chunked_defaults, coerce, field_type, flag, method_options, validate)
 
 COMMANDS = {
     "curvature": (CurvatureOptions, "collect K-FAC statistics (A, G) of a capability corpus"),
@@ -572,10 +572,7 @@ def _edit(o: EditOptions, given: set, info: dict | None, continuing: bool, locks
     chunked = o.chunk_size is not None or len(o.requests) > 1 or info is not None
     lifelong = chunked or bool(o.ledger)  # a new ledger is a history to be continued: chunked from its start
     if lifelong and info is None and o.method in GRADIENT_METHODS:  # a resumed ledger keeps its own options
-        o = dataclasses.replace(o, **{k: v for k, v in CHUNKED_DEFAULTS.items()
-                                      if k not in given and not (o.method == "ft" and k in ("capability_share", "optimizer"))})
-        if o.method == "crispedit" and "gamma" not in given:
-            o = dataclasses.replace(o, gamma=CHUNKED_GAMMA)
+        o = dataclasses.replace(o, **{k: v for k, v in chunked_defaults(o.method).items() if k not in given})
     _check_method_options(o, given)
     if not o.model:
         raise UsageError("--model is required (on the command line or in --config)")

@@ -39,6 +39,14 @@ CHUNKED_DEFAULTS: dict = {"rehearse": "all", "capability_share": 0.5, "loss_thre
 # held-out text (3,000 edits in chunks of 100: reliability 0.951 against 0.942, known facts 0.509 against 0.357,
 # KL 0.112 against 0.121), for fewer rephrases (0.254 against 0.331).
 CHUNKED_GAMMA = 0.95
+
+
+def chunked_defaults(method: str) -> dict:
+    """What chunked editing gives ``method`` where an option is not given: ``CHUNKED_DEFAULTS``, less
+    the share floor and the projected step for ft (it projects nothing), and crispedit's ``CHUNKED_GAMMA``."""
+    skip = ("capability_share", "optimizer") if method == "ft" else ()
+    out = {k: v for k, v in CHUNKED_DEFAULTS.items() if k not in skip}
+    return {**out, "gamma": CHUNKED_GAMMA} if method == "crispedit" else out
 PROJECTION_DTYPES = ("auto", "float32", "tf32", "bfloat16")
 
 
