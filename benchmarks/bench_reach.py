@@ -4,12 +4,15 @@ settings, before a comparison with MEMIT and AlphaEdit is called fair (issue 19:
 the optimised residual at least 0.9).
 
     python benchmarks/bench_reach.py [--testbed DIR] [--requests 64] [--block K] [--settings NAME ...]
+                                     [--max-subject-tokens K]
 
 Per setting: the mean and the share above 0.5 of P(target) at ``z`` (the model with the residual
 added at the subject, before any weight changes), the steps taken, wall and CPU seconds; each setting
 is cached under ``~/.cache/crispedit/bench/reach/`` (a rerun computes only new settings). Results:
 ``benchmarks/results/memit-reach-<testbed>.json`` (``-block<K>`` added for another block than the
-last closed-form one; with ``--settings``, only those settings' rows).
+last closed-form one, ``-subject<K>`` for ``--max-subject-tokens``; with ``--settings``, only those
+settings' rows). Each row also holds every request's P(target) beside its subject's token count, and
+the mean by that count.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from bench_testbed import CACHE, CLOSED_FORM_SETTINGS, cached, cpu_model, defaul
 from common import timed, write_results  # noqa: E402
 from crispedit import __version__  # noqa: E402
 from crispedit.layers import decoder_blocks  # noqa: E402
-from crispedit.memit import MemitConfig, compute_targets, context_prefixes  # noqa: E402
+from crispedit.memit import MemitConfig, compute_targets, context_prefixes, subject_tokens  # noqa: E402
 from crispedit.model import load_model  # noqa: E402
 from crispedit.requests import read_requests  # noqa: E402
 
@@ -61,6 +64,8 @@ def main() -> None:
     ap.add_argument("--block", type=int, default=None, help="the block whose output is optimised (default: the last closed-form block)")
     ap.add_argument("--settings", nargs="+", default=None, choices=list(SETTINGS), metavar="NAME",
                     help="run only these settings (default: all)")
+    ap.add_argument("--max-subject-tokens", type=int, default=None, metavar="K",
+                    help="only requests whose subject is at most K tokens (the first --requests of them)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     testbed = Path(a.testbed) if a.testbed else default_testbed()
@@ -68,7 +73,10 @@ def main() -> None:
     model, tok = load_model(str(testbed), "cpu", "float32")
     n_blocks = model.config.num_hidden_layers
     blocks = (build.get("edit_blocks") or {}).get("closed_form") or list(range(max(1, n_blocks // 2)))
-    requests = read_requests(testbed / "edit.jsonl")[: a.requests]
+    requests = read_requests(testbed / "edit.jsonl")
+    lengths = [len(subject_tokens(tok, r.prompt, r.subject)[1]) for r in requests]
+    chosen = [i for i, n in enumerate(lengths) if a.max_subject_tokens is None or n <= a.max_subject_tokens][: a.requests]
+    requests, lengths = [requests[i] for i in chosen], [lengths[i] for i in chosen]
     target = blocks[-1] if a.block is None else a.block
     block = decoder_blocks(model)[1][target]
     rows = []
@@ -86,17 +94,22 @@ def main() -> None:
                     "share_at_least_0.9_plain_prompt": sum(p >= 0.9 for p in plain) / len(plain),
                     "share_above_half": sum(p > 0.5 for p in probs) / len(probs),
                     "share_at_least_0.9": sum(p >= 0.9 for p in probs) / len(probs),
-                    "steps": sum(t.steps), "wall_s": wall, "cpu_s": cpu}
+                    "steps": sum(t.steps), "wall_s": wall, "cpu_s": cpu,
+                    "by_subject_tokens": {n: sum(p for p, m in zip(probs, lengths) if m == n) / lengths.count(n)
+                                          for n in sorted(set(lengths))},
+                    "per_request": [{"subject_tokens": n, "prob": p, "prob_plain": q} for n, p, q in zip(lengths, probs, plain)]}
 
-        cache = CACHE / "bench" / "reach" / (digest([__version__, build.get("testbed_sha256"), target, a.requests, change]) + ".json")
+        key = [__version__, build.get("testbed_sha256"), target, a.requests, change]
+        cache = CACHE / "bench" / "reach" / (digest(key + ([a.max_subject_tokens] if a.max_subject_tokens else [])) + ".json")
         rows.append(cached(cache, reach))  # a rerun computes only the settings not made yet
         print(f"{name:<30} P(target) {rows[-1]['target_probability']:.3f} (> 0.5: {rows[-1]['share_above_half']:.2f}) "
               f"steps {rows[-1]['steps']} [{rows[-1]['wall_s']:.0f} s wall, {rows[-1]['cpu_s']:.0f} s CPU]", flush=True)
-    suffix = "" if target == blocks[-1] else f"-block{target}"
+    suffix = ("" if target == blocks[-1] else f"-block{target}") + (f"-subject{a.max_subject_tokens}" if a.max_subject_tokens else "")
     out = Path(a.out) if a.out else ROOT / "benchmarks" / "results" / f"memit-reach-{testbed.name}{suffix}.json"
     result = {"version": __version__, "cpu": cpu_model(), "threads": a.threads, "testbed": testbed.name,
               "testbed_sha256": build.get("testbed_sha256"), "blocks": n_blocks, "closed_form_blocks": blocks,
-              "target_block": target, "requests": len(requests), "rows": rows}
+              "target_block": target, "requests": len(requests), "max_subject_tokens": a.max_subject_tokens,
+              "subject_tokens": {n: lengths.count(n) for n in sorted(set(lengths))}, "rows": rows}
     print(f"-> {write_results(result, out)}")
 
 

@@ -30,8 +30,8 @@ chunk the full evaluation of the batch rows. Each run keeps a ledger in the cach
 (a run not finished is reported as ``unfinished`` with the history its ledger holds);
 ``--cached-only`` writes the results of the runs made so far and runs nothing; ``--rows TEXT...`` runs
 only the rows whose name and size (``memit blocks 0-1 EasyEdit n1000``) hold every word of one of
-the texts, the others from the cache (two processes can split a grid; a last ``--cached-only`` run
-writes it whole).
+the texts and no word of it written ``-word``, the others from the cache (two processes can split a
+grid; a last ``--cached-only`` run writes it whole).
 
 ``--only weights``: the choice of the default ``--edit-weight`` (CrispEdit sequential at 1,000 edits in
 chunks of 100 with several weights). ``--only recipe``: the authors' sequential recipe (gamma 0.999,
@@ -44,7 +44,9 @@ LLaMA-3-8B (``build.json``'s ``edit_blocks``), ``batch`` and ``sequential`` run 
 ``sequential_grid_v2`` instead.
 
 Each run is cached under ``--cache`` by (testbed hash, its spec, version), with its per-request rows,
-so an interrupted benchmark resumes. The committed results file holds aggregates only.
+so an interrupted benchmark resumes; a closed-form batch run's target values too, by requests, blocks
+and target settings (``targets_path``: MEMIT, AlphaEdit and the λ rows share them). The committed
+results file holds aggregates only.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import resource
 import sys
 import time
@@ -70,6 +73,7 @@ from crispedit.curvature import collect, load, save  # noqa: E402
 from crispedit.evaluate import known_facts_filter, metric, prepare_reference  # noqa: E402
 from crispedit.history import HistoryProbe  # noqa: E402
 from crispedit.layers import find_modules  # noqa: E402
+from crispedit.memit import Targets  # noqa: E402
 from crispedit.model import load_model  # noqa: E402
 from crispedit.options import CHUNKED_DEFAULTS, CHUNKED_GAMMA, MethodOptions, chunked_defaults  # noqa: E402
 from crispedit.requests import EditRequest, read_requests  # noqa: E402
@@ -342,7 +346,6 @@ class Testbed:
             save(collect(self.model, modules, self.curvature_docs, labels="sampled", seed=seed), path_stats)
         self.stats = load(path_stats)
         self.references: dict[int, object] = {}
-        self.targets: dict[str, object] = {}  # MEMIT's target values of a batch run, for the AlphaEdit run after it
 
     def modules(self, blocks: list[int]):
         return find_modules(self.model, blocks)
@@ -483,7 +486,7 @@ def run(tb: Testbed, s: dict, a) -> dict:
     options = tb.options(s, a.lr, a.epochs)
     w0, c0 = time.perf_counter(), cpu_seconds()
     requests = tb.usable[:n]
-    shared = None  # MEMIT's targets, when this is the AlphaEdit batch run right after it
+    shared = None  # the target values of an earlier closed-form batch run on the same requests (targets_path)
     resumed_after = 0  # chunks a previous process made (its CPU time is not in this run's seconds)
     if s.get("chunk_size"):
         ledger = ledger_dir(tb, s)
@@ -510,11 +513,13 @@ def run(tb: Testbed, s: dict, a) -> dict:
                     str(tb.path), log)
     else:
         session = tb.session(s, options)
-        key = json.dumps([n, s.get("layers"), s.get("settings")])
-        shared = tb.targets.pop(key, None) if s["method"] == "alphaedit" else None
+        saved = targets_path(tb, s) if s["method"] in ("memit", "alphaedit") else None
+        shared = Targets(**torch.load(saved)) if saved and saved.exists() else None
         session.edit(requests, targets=shared)
-        if s["method"] == "memit":
-            tb.targets[key] = session.targets
+        if saved and shared is None:
+            saved.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(vars(session.targets), tmp := saved.with_name(f"{saved.name}.{os.getpid()}.tmp"))
+            os.replace(tmp, saved)
     edit_wall, edit_cpu = time.perf_counter() - w0, cpu_seconds() - c0
     after = session.measure(ref)
     seconds = {"edit_wall": edit_wall, "edit_cpu": edit_cpu, "total_wall": time.perf_counter() - w0,
@@ -532,7 +537,7 @@ def run(tb: Testbed, s: dict, a) -> dict:
                    s_median=sorted(s_med)[len(s_med) // 2] if s_med else None)  # s = kᵀ(λC)⁻¹k, median over layers and chunks
         row.update(target_probability=sum(probs) / len(probs),  # the mean over chunks of their mean P(target)
                    targets_seconds=sum(r.get("seconds_targets", 0.0) for r in session.history),
-                   targets_from_memit=shared is not None)
+                   targets_reused=shared is not None)  # (then targets_seconds is the check of h alone; the row that made them has the rest)
     session.restore_base()
     return {"row": row, "per_request": after["per_request"]}
 
@@ -559,6 +564,14 @@ def protected_energy(tb: Testbed, session: EditSession, split: int, energy: floa
     return out
 
 
+def targets_path(tb: Testbed, s: dict) -> Path:
+    """Where a closed-form batch run's target values are kept: they depend on the requests, the blocks
+    and the target settings, not on λ or on the method solving for them (MEMIT and AlphaEdit, every λ
+    row, and two processes splitting a grid optimise each set once)."""
+    key = dict(n=s["n"], layers=s.get("layers"), settings=s.get("settings"), testbed=tb.hash, seed=tb.seed, version=__version__)
+    return tb.cache / "targets" / (digest(key) + ".pt")
+
+
 def run_path(tb: Testbed, s: dict, a, seed: int | None = None) -> Path:
     """Where a run's result is cached (``seed``: the same run at another seed than the testbed's)."""
     key = dict(s, testbed=tb.hash, lr=a.lr, epochs=a.epochs, seed=tb.seed if seed is None else seed,
@@ -566,12 +579,20 @@ def run_path(tb: Testbed, s: dict, a, seed: int | None = None) -> Path:
     return tb.cache / "runs" / (digest(key) + ".json")
 
 
+def row_chosen(s: dict, text: str) -> bool:
+    """Whether ``--rows`` TEXT picks run ``s``: its name and size ('ft n1000 gNone') hold every word of
+    TEXT but those written ``-word``, which they must not hold ('memit n1000 -EasyEdit')."""
+    words = set(f"{family(s)} n{s['n']} g{s['gamma']}".split())
+    given = text.split()
+    return ({w for w in given if not w.startswith("-")} <= words
+            and not {w[1:] for w in given if w.startswith("-")} & words)
+
+
 def run_all(tb: Testbed, specs: list[dict], a) -> list[dict]:
     rows = []
     for s in specs:
         path = run_path(tb, s, a)
-        words = set(f"{family(s)} n{s['n']} g{s['gamma']}".split())
-        chosen = not a.rows or any(set(t.split()) <= words for t in a.rows)
+        chosen = not a.rows or any(row_chosen(s, t) for t in a.rows)
         if (a.cached_only or not chosen) and not path.exists():
             print(f"{family(s)} γ {s['gamma']} n {s['n']}: not run (not cached; --cached-only or --rows)", flush=True)
             continue
@@ -601,7 +622,8 @@ def main() -> None:
     ap.add_argument("--edit-weight", type=float, default=DEFAULT_EDIT_WEIGHT, help="edit weight of the sequential runs")
     ap.add_argument("--cached-only", action="store_true", help="report the runs already made; run nothing new")
     ap.add_argument("--rows", nargs="+", default=None, metavar="TEXT",
-                    help="run only the rows whose name and size ('ft n1000') hold every word of one of these texts (the others from the cache)")
+                    help="run only the rows whose name and size ('ft n1000') hold every word of one of these texts, "
+                         "and no word written -word (the others from the cache)")
     ap.add_argument("--eval-every", type=int, default=5, help="sequential runs: score the history every K chunks")
     ap.add_argument("--eval-sample", type=int, default=500, help="sequential runs: edits scored per evaluation")
     ap.add_argument("--only", nargs="+", default=["batch", "weights", "sequential", "stories"],

@@ -33,15 +33,9 @@ from bench_testbed import cpu_model, default_testbed  # noqa: E402
 from common import timed, write_results  # noqa: E402
 from crispedit import __version__  # noqa: E402
 from crispedit.layers import decoder_blocks  # noqa: E402
+from crispedit.memit import subject_tokens  # noqa: E402
 from crispedit.model import load_model  # noqa: E402
 from crispedit.requests import edit_text, read_requests  # noqa: E402
-
-
-def subject_span(tok, prompt: str, subject: str) -> list[int]:
-    """Token positions of ``prompt`` that overlap the first occurrence of ``subject``."""
-    at = prompt.find(subject)
-    offsets = tok(prompt, return_offsets_mapping=True)["offset_mapping"]
-    return [t for t, (s, e) in enumerate(offsets) if e > s and s < at + len(subject) and e > at]
 
 
 def answer_probability(model, ids: torch.Tensor, n_prompt: int, hooks: list) -> float:
@@ -68,7 +62,7 @@ def trace(model, tok, requests, noise: float, seed: int = 0) -> dict:
     blocks = decoder_blocks(model)[1]
     rows = []
     for i, r in enumerate(requests):
-        span = subject_span(tok, r.prompt, r.subject)
+        span = subject_tokens(tok, r.prompt, r.subject)[1]
         if len(span) < 2:
             continue
         n_prompt = len(tok(r.prompt)["input_ids"])

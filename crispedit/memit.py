@@ -259,9 +259,10 @@ def _where(req: EditRequest, i: int) -> str:
     return f"request {i}" + (f" (case_id {req.case_id})" if req.case_id is not None else "")
 
 
-def _locate(tokenizer, prefix: str, prompt: str, subject: str | None, suffix: str = "") -> tuple[list[int], int]:
-    """Token ids of ``prefix + prompt + suffix`` and the index of the last token overlapping the
-    first occurrence of ``subject`` in ``prompt``."""
+def subject_tokens(tokenizer, prompt: str, subject: str | None, prefix: str = "", suffix: str = "") -> tuple[list[int], list[int]]:
+    """Token ids of ``prefix + prompt + suffix`` and the positions of the tokens that overlap the first
+    occurrence of ``subject`` in ``prompt`` (by character offsets; a tokenizer without offsets: the
+    tokens the text up to the subject's end adds to the text before it)."""
     if not subject or not subject.strip():
         raise MemitError("no subject: MEMIT and AlphaEdit read the key at the subject's last token")
     at = prompt.find(subject)
@@ -276,11 +277,19 @@ def _locate(tokenizer, prefix: str, prompt: str, subject: str | None, suffix: st
     if enc is not None and "offset_mapping" in enc:
         ids = list(enc["input_ids"])
         hits = [t for t, (s, e) in enumerate(enc["offset_mapping"]) if e > s and s < end and e > start]
-        if not hits:
-            raise MemitError(f"subject {subject!r} covers no token of {text!r}")
-        return ids, hits[-1]
-    ids = list(tokenizer(text)["input_ids"])
-    return ids, len(tokenizer(text[:end])["input_ids"]) - 1
+    else:
+        ids = list(tokenizer(text)["input_ids"])
+        last = len(tokenizer(text[:end])["input_ids"]) - 1
+        hits = list(range(min(len(tokenizer(text[:start])["input_ids"]), last), last + 1))
+    if not hits:
+        raise MemitError(f"subject {subject!r} covers no token of {text!r}")
+    return ids, hits
+
+
+def _locate(tokenizer, prefix: str, prompt: str, subject: str | None, suffix: str = "") -> tuple[list[int], int]:
+    """Token ids of ``prefix + prompt + suffix`` and the index of the subject's last token."""
+    ids, hits = subject_tokens(tokenizer, prompt, subject, prefix, suffix)
+    return ids, hits[-1]
 
 
 def last_subject_token(tokenizer, prompt: str, subject: str, prefix: str = "", suffix: str = "") -> int:

@@ -15,7 +15,7 @@ from crispedit.editor import _batch, edit_loss, tokenize_requests
 from crispedit.layers import decoder_blocks, find_modules
 from crispedit.memit import (MemitConfig, MemitError, alphaedit_delta, alphaedit_solve, apply_closed_form,
                              compute_keys, compute_targets, context_prefixes, key_shares, last_subject_token,
-                             memit_delta, memit_solve, nullspace_basis, subject_hidden)
+                             memit_delta, memit_solve, nullspace_basis, subject_hidden, subject_tokens)
 from crispedit.requests import EditRequest
 from models import char_tokenizer, tiny_hf
 
@@ -217,6 +217,20 @@ def test_key_is_read_at_the_last_subject_token():
     assert torch.allclose(key[0], expected_key, rtol=0, atol=FORWARD_TOL)
     # a neighbouring position gives a different key: the test can tell positions apart
     assert (seen[0][at[0] - 1] - k[0]).abs().max() > 1e-3
+
+
+def test_subject_tokens_with_and_without_offsets():
+    prompt, prefix = "we met the big bad wolf today", "so. "
+    first = 1 + len(prefix) + prompt.index("big bad wolf")  # BOS, then one token per character
+    ids, span = subject_tokens(TOK, prompt, "big bad wolf", prefix=prefix)
+    assert ids == TOK(prefix + prompt)["input_ids"] and span == list(range(first, first + len("big bad wolf")))
+
+    def no_offsets(text, return_offsets_mapping=False):  # a slow tokenizer: no character offsets
+        if return_offsets_mapping:
+            raise NotImplementedError
+        return TOK(text)
+
+    assert subject_tokens(no_offsets, prompt, "big bad wolf", prefix=prefix) == (ids, span)
 
 
 @pytest.mark.skipif(not STORIES.exists(), reason="shared/models/stories260K is absent")

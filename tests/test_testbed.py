@@ -9,7 +9,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from bench_testbed import cached, family, flops_ratio_8b, grid, ledger_dir, matched, run_path, sequential_grid, unfinished  # noqa: E402
+from bench_testbed import (cached, family, flops_ratio_8b, grid, grid_v2, ledger_dir, matched, row_chosen, run_path,  # noqa: E402
+                           sequential_grid, spec, targets_path, unfinished)
 from build_testbed import majority_baseline, mentions, select_facts, statements, wikitext_articles  # noqa: E402
 
 
@@ -161,6 +162,44 @@ def test_build_resumes_from_its_checkpoint_to_the_uninterrupted_weights(tmp_path
               other, random.Random(0), eval_sets, ckpt)
 
 
+def test_rows_pick_by_words_and_exclude_by_minus_words():
+    runs = grid_v2(1000, {"crispedit": [5, 6], "closed_form": [1, 2]})
+    names = lambda text: [f"{family(s)} n{s['n']}" for s in runs if row_chosen(s, text)]  # noqa: E731
+    assert names("memit 1-2 n1000 -EasyEdit") == ["memit blocks 1-2 n1000"]
+    assert names("EasyEdit 1-2 n1000 -λ=10 -λ=100") == ["memit blocks 1-2 EasyEdit n1000", "alphaedit blocks 1-2 EasyEdit n1000"]
+    assert names("crispedit n1000 g0.9") == ["crispedit n1000"]
+
+
+def test_closed_form_targets_are_shared_by_method_and_lambda_not_by_settings(tmp_path):
+    from types import SimpleNamespace
+
+    tb = SimpleNamespace(cache=tmp_path, hash="h", seed=0)
+    memit = spec("memit", 1000, layers=[1, 2], settings="easyedit")
+    same = [spec("alphaedit", 1000, layers=[1, 2], settings="easyedit"), dict(memit, lam=10.0)]
+    other = [spec("memit", 1000, layers=[1, 2]), dict(memit, layers=[5, 6]), dict(memit, n=100)]
+    assert all(targets_path(tb, s) == targets_path(tb, memit) for s in same)
+    assert len({targets_path(tb, s) for s in [memit] + other}) == 4
+
+
+def test_compose_pilot_facts_per_subject_and_tokens():
+    from bench_compose import RELATIONS, facts, other_answer, statements, tokenizer
+
+    from crispedit.memit import subject_tokens
+
+    for k in (1, 8):
+        fs = facts(400, k, seed=0)
+        subjects = {s for s, _, _ in fs}
+        assert len(fs) == 400 and len(subjects) == 400 // k
+        assert all(len({r for s2, r, _ in fs if s2 == s}) == k for s in subjects)  # k different relations each
+        assert all(a.startswith(RELATIONS[r][2]) for _, r, a in fs)
+    tok = tokenizer()
+    (prompt, subject, answer), (prompt2, _, _) = statements(fs[:1])
+    assert subject in prompt and subject in prompt2 and prompt != prompt2
+    ids, span = subject_tokens(tok, prompt, subject)
+    assert len(span) == 3 and tok.unk_token_id not in tok(prompt + " " + answer)["input_ids"]
+    assert other_answer("town19") == "town0" and other_answer("job3") == "job4"
+
+
 def test_edit_blocks_placed_as_at_8b():
     from build_testbed import edit_blocks
 
@@ -191,7 +230,7 @@ def test_the_8b_flop_count_charges_each_run_what_it_did():
 def test_causal_tracing_hooks_are_exact():
     """bench_trace: without noise every condition is the clean model; a site put back at the last block
     changes nothing at the answer (its later positions have read the noised subject already)."""
-    from bench_trace import subject_span, trace
+    from bench_trace import trace
     from models import char_tokenizer, tiny_hf
 
     from crispedit.requests import EditRequest
@@ -199,7 +238,6 @@ def test_causal_tracing_hooks_are_exact():
     tok = char_tokenizer()
     reqs = [EditRequest(prompt="the tongue of ann lee is", subject="ann lee", target_new="x", ground_truth="dutch"),
             EditRequest(prompt="bob speaks", subject="bob", target_new="x", ground_truth="french")]
-    assert subject_span(tok, reqs[0].prompt, "ann lee") == list(range(15, 22))  # BOS, then one token per character
     model = tiny_hf("llama", layers=3, vocab=len(tok))
     quiet = trace(model, tok, reqs, noise=0.0)
     assert quiet["requests"] == 2 and quiet["noise_all"] == quiet["clean"] == quiet["noise_last"]
