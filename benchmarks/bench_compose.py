@@ -13,19 +13,28 @@ subject or ``K`` per subject — and measures, per model, what the testbeds were
   ``bench_reach.py`` without context prefixes): mean P(target) at ``z`` and the share at 0.9 or more.
 
     python benchmarks/bench_compose.py [--facts 2000] [--per-subject 1 8] [--blocks 6] [--steps 4000]
+    python benchmarks/bench_compose.py --per-subject 8 --bios --facts 800 --batch 128 --steps 1500
+
+``--bios``: Allen-Zhu and Li (arXiv 2309.14316) found that a model stores a person's attributes in the
+hidden states of the name's tokens only when its training text is augmented — each biography's
+sentences shuffled and paraphrased — and the model is then asked about people it saw only in
+biographies. So: every subject's facts as one shuffled text (the name once, 'they' after, each
+sentence under one of its two templates), the statements of half the subjects beside them, and the
+other half's statements — facts the model can know only by extracting them from the biographies —
+scored, traced and edited (those it answers).
 
 Subjects are three made-up syllables (every triple distinct, so no single syllable names one); eight
 relations, each with a subject-first and a relation-first template and twenty answers of its own;
 every fact's answer drawn at random. Training: next-token loss on whole statements, both templates,
-AdamW, until greedy answers are right for 99% of the statements or ``--steps``. Results:
-``benchmarks/results/compose.json``; each trained model is cached under ``~/.cache/crispedit/compose``.
+AdamW, until greedy answers are right for 99% of the statements (with ``--bios``: of the held-out
+half's) or ``--steps``. Results: ``benchmarks/results/compose.json`` (``compose-bios.json``); each
+trained model is cached under ``~/.cache/crispedit/compose``.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import random
 import re
 import sys
@@ -83,14 +92,15 @@ def other_answer(answer: str) -> str:
     return f"{stem}{(int(i) + 1) % ANSWERS}"
 
 
-def tokenizer():
-    """A word-level fast tokenizer (with offsets) over every word the statements use, adding BOS."""
+def tokenizer(extra: tuple[str, ...] = ()):
+    """A word-level fast tokenizer (with offsets) over every word the statements use, then ``extra``
+    words, adding BOS."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     words = sorted(set(SYLLABLES) | {w for t in RELATIONS.values() for w in (t[0] + " " + t[1]).replace("{}", "").split()}
                    | {f"{t[2]}{i}" for t in RELATIONS.values() for i in range(ANSWERS)})
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(words)}}
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(words + list(extra))}}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
@@ -102,14 +112,19 @@ def model_for(tok, blocks: int, width: int, seed: int):
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=width, intermediate_size=4 * width, num_hidden_layers=blocks,
-                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=32, bos_token_id=1,
+                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128, bos_token_id=1,
                       eos_token_id=2, tie_word_embeddings=False)
     return LlamaForCausalLM(cfg).eval()
 
 
 def accuracy(model, tok, rows, batch: int = 512) -> float:
     """The share of statements whose answer (one token) is the argmax after the prompt."""
-    right = 0
+    return sum(answered(model, tok, rows, batch)) / len(rows)
+
+
+def answered(model, tok, rows, batch: int = 512) -> list[bool]:
+    """Per statement, whether its answer (one token) is the argmax after the prompt."""
+    right = []
     with torch.no_grad():
         for i in range(0, len(rows), batch):
             chunk = rows[i : i + batch]
@@ -119,23 +134,30 @@ def accuracy(model, tok, rows, batch: int = 512) -> float:
             logits = model(input_ids=ids).logits
             pred = logits[torch.arange(len(enc)), torch.tensor([len(e) - 1 for e in enc])].argmax(-1)
             gold = torch.tensor([tok.convert_tokens_to_ids(a) for _, _, a in chunk])
-            right += int((pred == gold).sum())
-    return right / len(rows)
+            right += (pred == gold).tolist()
+    return right
 
 
-def train(model, tok, rows, steps: int, batch: int, lr: float, seed: int, log) -> dict:
-    """Next-token loss on ``<s> prompt answer </s>``, AdamW with linear warm-up; stops at 99% accuracy."""
-    gen = torch.Generator().manual_seed(seed)
-    seqs = [tok(edit_text(p, a))["input_ids"] + [2] for p, _, a in rows]
-    width = max(map(len, seqs))
-    data = torch.tensor([s + [-100] * (width - len(s)) for s in seqs])
+def bio(fs_of_subject, rng: random.Random) -> str:
+    """A subject's facts as one text, in a shuffled order, each under one of its two templates drawn at
+    random; the name in the first sentence, 'they' in the others (the bioS multi+permute augmentation of
+    Allen-Zhu and Li, arXiv 2309.14316)."""
+    order = rng.sample(fs_of_subject, len(fs_of_subject))
+    return " ".join(f"{rng.choice(RELATIONS[rel][:2]).format(s if i == 0 else 'they')} {a} ." for i, (s, rel, a) in enumerate(order))
+
+
+def train(model, batch_of, check, steps: int, lr: float, log) -> dict:
+    """Next-token loss on the token lists ``batch_of(step)`` gives, AdamW with linear warm-up; every 250
+    steps ``check()`` (an accuracy) is logged, and training stops once it reaches 0.99."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     done, acc = 0, 0.0
     model.train()
     for step in range(1, steps + 1):
         for g in opt.param_groups:
             g["lr"] = lr * min(1.0, step / 200)
-        labels = data[torch.randint(len(data), (batch,), generator=gen)]
+        seqs = batch_of(step)
+        width = max(map(len, seqs))
+        labels = torch.tensor([s + [-100] * (width - len(s)) for s in seqs])
         loss = model(input_ids=labels.clamp(min=0), labels=labels).loss
         opt.zero_grad()
         loss.backward()
@@ -143,7 +165,7 @@ def train(model, tok, rows, steps: int, batch: int, lr: float, seed: int, log) -
         done = step
         if step % 250 == 0:
             model.eval()
-            acc = accuracy(model, tok, rows)
+            acc = check()
             model.train()
             log(f"  step {step}: loss {loss.item():.3f} accuracy {acc:.3f}")
             if acc >= 0.99:
@@ -176,36 +198,62 @@ def main() -> None:
     ap.add_argument("--edit-block", type=int, default=1, help="the block whose output MEMIT's targets are optimised at")
     ap.add_argument("--settings", nargs="+", default=["easyedit, no prefixes", "unbounded, no prefixes, 300 steps"],
                     choices=list(SETTINGS))
+    ap.add_argument("--bios", action="store_true",
+                    help="train on shuffled biographies of every subject and the statements of half of them; "
+                         "trace and edit the other half's facts (known from the biographies only)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "compose.json"))
+    ap.add_argument("--out", default=None, help="default benchmarks/results/compose.json (compose-bios.json with --bios)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    tok = tokenizer()
+    tok = tokenizer(("they", ".") if a.bios else ())
     results = {"version": __version__, "cpu": cpu_model(), "threads": a.threads, "facts": a.facts, "blocks": a.blocks,
                "width": a.width, "edit_block": a.edit_block, "noise": 3.0, "models": []}
     for k in a.per_subject:
         fs = facts(a.facts, k, a.seed)
         rows = statements(fs)
         model = model_for(tok, a.blocks, a.width, a.seed)
-        key = [__version__, a.facts, k, a.blocks, a.width, a.steps, a.batch, a.lr, a.seed]
+        gen, rng = torch.Generator().manual_seed(a.seed), random.Random(a.seed)
+        if a.bios:  # bios of every subject, statements of half of them; scored on the other half's statements
+            subjects = sorted({s for s, _, _ in fs})
+            held = set(random.Random(a.seed + 2).sample(subjects, len(subjects) // 2))
+            by_subject = {s: [f for f in fs if f[0] == s] for s in subjects}
+            seen = [r for r in rows if r[1] not in held]
+            rows = [r for r in rows if r[1] in held]  # what is traced and edited: facts learnt from bios only
+            seen_ids = [tok(edit_text(p, x))["input_ids"] + [2] for p, _, x in seen]
+
+            def batch_of(step):
+                bios = [tok(bio(by_subject[s], rng))["input_ids"] + [2] for s in rng.choices(subjects, k=a.batch // 4)]
+                return bios + [seen_ids[int(i)] for i in torch.randint(len(seen_ids), (a.batch // 2,), generator=gen)]
+        else:
+            seqs = [tok(edit_text(p, x))["input_ids"] + [2] for p, _, x in rows]
+
+            def batch_of(step):
+                return [seqs[int(i)] for i in torch.randint(len(seqs), (a.batch,), generator=gen)]
+        key = [__version__, a.facts, k, a.blocks, a.width, a.steps, a.batch, a.lr, a.seed] + (["bios"] if a.bios else [])
         path = CACHE / "compose" / (digest(key) + ".pt")
         if path.exists():
             saved = torch.load(path)
             model.load_state_dict(saved["weights"])
             fit = saved["fit"]
         else:
-            print(f"{k} fact(s) per subject: training on {len(rows)} statements", flush=True)
-            wall, cpu, fit = timed(lambda: train(model, tok, rows, a.steps, a.batch, a.lr, a.seed, lambda s: print(s, flush=True)))
+            print(f"{k} fact(s) per subject{', bios' if a.bios else ''}: training", flush=True)
+            wall, cpu, fit = timed(lambda: train(model, batch_of, lambda: accuracy(model, tok, rows), a.steps, a.lr,
+                                                 lambda s: print(s, flush=True)))
             fit.update(wall_s=wall, cpu_s=cpu)
+            if a.bios:
+                fit["accuracy_statements_trained"] = accuracy(model, tok, seen)
             path.parent.mkdir(parents=True, exist_ok=True)
             torch.save({"weights": model.state_dict(), "fit": fit}, tmp := path.with_name(path.name + ".tmp"))
             tmp.replace(path)
-        picked = random.Random(a.seed + 1).sample(range(len(rows)), a.requests)
+        if a.bios:  # only the held-out facts the model extracts from its biographies
+            rows = [r for r, ok in zip(rows, answered(model, tok, rows)) if ok]
+            fit["held_out_known"] = len(rows)
+        picked = random.Random(a.seed + 1).sample(range(len(rows)), min(a.requests, len(rows)))
         requests = [EditRequest(rows[i][0], other_answer(rows[i][2]), rows[i][1], ground_truth=rows[i][2]) for i in picked]
         traced = trace(model, tok, requests, noise=3.0)
         reached = reach(model, tok, a.edit_block, requests[: a.requests // 2], a.settings)
-        entry = {"per_subject": k, "subjects": a.facts // k, "statements": len(rows), "fit": fit,
+        entry = {"per_subject": k, "bios": a.bios, "subjects": a.facts // k, "statements": len(rows), "fit": fit,
                  "trace": {s: traced[f"recovered_{s}"] for s in ("last_subject", "subject", "last_prompt")},
                  "p_clean": traced["clean"], "p_noise_all": traced["noise_all"], "p_noise_last": traced["noise_last"],
                  "reach": reached}
@@ -216,7 +264,7 @@ def main() -> None:
         for name, r in reached.items():
             print(f"  MEMIT targets at block {a.edit_block}, {name}: P(target) {r['target_probability']:.3f} "
                   f"(≥ 0.9: {r['share_at_least_0.9']:.2f})", flush=True)
-        write_results(results, a.out)
+        write_results(results, a.out or ROOT / "benchmarks" / "results" / f"compose{'-bios' if a.bios else ''}.json")
 
 
 if __name__ == "__main__":

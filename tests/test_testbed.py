@@ -182,7 +182,7 @@ def test_closed_form_targets_are_shared_by_method_and_lambda_not_by_settings(tmp
 
 
 def test_compose_pilot_facts_per_subject_and_tokens():
-    from bench_compose import RELATIONS, facts, other_answer, statements, tokenizer
+    from bench_compose import RELATIONS, bio, facts, other_answer, statements, tokenizer
 
     from crispedit.memit import subject_tokens
 
@@ -198,6 +198,14 @@ def test_compose_pilot_facts_per_subject_and_tokens():
     ids, span = subject_tokens(tok, prompt, subject)
     assert len(span) == 3 and tok.unk_token_id not in tok(prompt + " " + answer)["input_ids"]
     assert other_answer("town19") == "town0" and other_answer("job3") == "job4"
+    own = [f for f in facts(400, 8, seed=0) if f[0] == subject]
+    texts = {bio(own, rng) for rng in [random.Random(s) for s in range(5)]}
+    assert len(texts) > 1  # shuffled and paraphrased
+    for text in texts:
+        sentences = text.removesuffix(" .").split(" . ")
+        assert len(sentences) == 8 and sentences[0].count(subject) == 1 and text.count(subject) == 1
+        assert sorted(a for _, _, a in own) == sorted(s.split()[-1] for s in sentences)
+        assert tok.unk_token_id not in tokenizer(("they", "."))(text)["input_ids"]
 
 
 def test_edit_blocks_placed_as_at_8b():
