@@ -75,7 +75,8 @@ from crispedit.history import HistoryProbe  # noqa: E402
 from crispedit.layers import find_modules  # noqa: E402
 from crispedit.memit import Targets  # noqa: E402
 from crispedit.model import load_model  # noqa: E402
-from crispedit.options import CHUNKED_DEFAULTS, CHUNKED_GAMMA, MethodOptions, chunked_defaults  # noqa: E402
+from crispedit.options import (CHUNKED_DEFAULTS, CHUNKED_GAMMA, MethodOptions, chunked_defaults,  # noqa: E402
+                               projections_per_step)
 from crispedit.requests import EditRequest, read_requests  # noqa: E402
 from crispedit.session import EditSession  # noqa: E402
 
@@ -94,6 +95,7 @@ BUDGET = 0.02  # nats/token of predicted capability drift for the budget rows (a
 EDIT_WEIGHTS = (1.0, 10.0, 100.0)
 LAMBDAS = (10.0, 100.0)  # MEMIT's λ tried beside the 8B value scaled by width (15,000 · d_in / 14,336)
 DEFAULT_EDIT_WEIGHT = MethodOptions().edit_weight
+DEFAULT_LOSS_THRESHOLD = MethodOptions().loss_threshold
 WIDTH_8B = 14336  # MEMIT's λ = 15,000 is matched to LLaMA-3-8B's d_in; scaled by d_in / 14,336 here
 # AlphaEdit's null space: eigenvalues of C below this fraction of the largest (2e-2 absolute is LLaMA-3's scale)
 ALPHAEDIT_RELATIVE = 1e-2
@@ -390,7 +392,7 @@ class Testbed:
         d_in = self.model.config.intermediate_size
         return MethodOptions(
             method=s["method"], gamma=s["gamma"], lr=lr, epochs=epochs, seed=self.seed,
-            optimizer=s.get("optimizer", "adam"), chunk_size=s.get("chunk_size"), loss_threshold=s.get("loss_threshold", 1e-2),
+            optimizer=s.get("optimizer", "adam"), chunk_size=s.get("chunk_size"), loss_threshold=s.get("loss_threshold", DEFAULT_LOSS_THRESHOLD),
             edit_weight=s.get("edit_weight", DEFAULT_EDIT_WEIGHT), protect_edits=s.get("protect_edits", "merge"),
             refresh_drift=s.get("refresh_drift"), budget=s.get("budget"), rehearse=s.get("rehearse"),
             rehearse_order=s.get("rehearse_order", "most-forgotten"), capability_share=s.get("capability_share"),
@@ -652,7 +654,7 @@ def main() -> None:
         "known_unedited_offered": len(tb.known_facts), "layers": tb.blocks["crispedit"], "edit_blocks": tb.blocks,
         "curvature": {"documents": len(tb.curvature_docs), "tokens": tb.stats.meta["tokens"], "seconds": tb.stats.meta["time_s"]},
         "heldout": {"documents": len(tb.heldout), "tokens": sum(len(d) - 1 for d in tb.heldout)},
-        "schedule": {"optimizer": "adam", "lr": a.lr, "batch_size": 32, "epochs": a.epochs, "loss_threshold": 1e-2,
+        "schedule": {"optimizer": "adam", "lr": a.lr, "batch_size": 32, "epochs": a.epochs, "loss_threshold": DEFAULT_LOSS_THRESHOLD,
                      "chunk_size": a.chunk, "eval_every": a.eval_every, "eval_sample": a.eval_sample},
         "closed_form": {"mom2_update_weight": 15000.0 * tb.model.config.intermediate_size / WIDTH_8B,
                         "nullspace_relative_threshold": ALPHAEDIT_RELATIVE},
@@ -794,7 +796,7 @@ def work(tb: Testbed, s: dict, row: dict, batch_size: int = 32) -> dict:
     for one batch, steps x ``batch_size``: a lower bound when batches below the loss threshold were
     skipped, so that a ratio to it is an upper bound), the projections (two a step with
     ``adam-projected-step``: the gradient's and Adam's step's), the rehearsal check's requests, and chunks."""
-    per_step = 2 if s.get("optimizer") == "adam-projected-step" else 1
+    per_step = projections_per_step(s.get("optimizer", "adam"))
     if not s.get("chunk_size"):
         return {"steps": row["steps"], "projections": per_step * row["steps"],
                 "request_epochs": row["steps"] * min(batch_size, row["n"]), "checked": 0, "chunks": 1}

@@ -47,6 +47,13 @@ def chunked_defaults(method: str) -> dict:
     skip = ("capability_share", "optimizer") if method == "ft" else ()
     out = {k: v for k, v in CHUNKED_DEFAULTS.items() if k not in skip}
     return {**out, "gamma": CHUNKED_GAMMA} if method == "crispedit" else out
+
+
+def projections_per_step(optimizer: str) -> int:
+    """Projections an optimiser step makes: the gradient's, and with ``adam-projected-step`` Adam's step's too."""
+    return 2 if optimizer == "adam-projected-step" else 1
+
+
 PROJECTION_DTYPES = ("auto", "float32", "tf32", "bfloat16")
 
 

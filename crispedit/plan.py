@@ -44,7 +44,7 @@ import math
 from pathlib import Path
 
 from .model import ModelError, check_sizes, load_config, one_line, resolve_dtype
-from .options import CHUNKED_DEFAULTS
+from .options import CHUNKED_DEFAULTS, projections_per_step
 
 # Lengths the plan assumes (tokens after the tokenizer, BOS included).
 ASSUMED = {
@@ -366,7 +366,7 @@ def plan(model: str, layers: str = "auto", module: str | None = None, dtype: str
     chunk_sizes = [min(chunk, requests - c) for c in range(0, requests, chunk)]
     steps_per_epoch = math.ceil(chunk / a["batch_size"])
     # chunked editing's optimiser (CHUNKED_DEFAULTS) projects Adam's step as well as the gradient
-    projections = 2 if chunk_size is not None and CHUNKED_DEFAULTS["optimizer"] == "adam-projected-step" else 1
+    projections = projections_per_step(CHUNKED_DEFAULTS["optimizer"] if chunk_size is not None else "adam")
     flops = {
         "tokens_per_step": Ne,
         "forward_backward": fb,
