@@ -11,6 +11,8 @@ subject or ``K`` per subject — and measures, per model, what the testbeds were
   at the last subject token, at every subject token, and at the prompt's last token, per block;
 - MEMIT's target optimisation at an early block (``compute_targets``; the settings of
   ``bench_reach.py`` without context prefixes): mean P(target) at ``z`` and the share at 0.9 or more.
+  The requests are statements under both templates, so about half end with the subject (testbed v3,
+  ``build_synthetic.py``, edits subject-first prompts only).
 
     python benchmarks/bench_compose.py [--facts 2000] [--per-subject 1 8] [--blocks 6] [--steps 4000]
     python benchmarks/bench_compose.py --per-subject 8 --bios --facts 800 --batch 128 --steps 1500
@@ -69,15 +71,17 @@ RELATIONS = {  # relation: (subject-first template, relation-first template, ans
 ANSWERS = 20  # per relation
 
 
-def facts(n: int, per_subject: int, seed: int = 0) -> list[tuple[str, str, str]]:
+def facts(n: int, per_subject: int, seed: int = 0, joined: bool = False) -> list[tuple[str, str, str]]:
     """``n`` facts (subject, relation, answer): ``n // per_subject`` subjects of three distinct-triple
-    syllables, each with ``per_subject`` different relations, every answer drawn at random."""
+    syllables, each with ``per_subject`` different relations, every answer drawn at random. ``joined``:
+    each subject's syllables written as one word (one token: give ``tokenizer`` the subjects as extra
+    words), the same world otherwise."""
     rng = random.Random(seed)
     triples = rng.sample([(a, b, c) for a in SYLLABLES for b in SYLLABLES for c in SYLLABLES], n // per_subject)
     out = []
     for t in triples:
         for rel in rng.sample(sorted(RELATIONS), per_subject):
-            out.append((" ".join(t), rel, f"{RELATIONS[rel][2]}{rng.randrange(ANSWERS)}"))
+            out.append(("".join(t) if joined else " ".join(t), rel, f"{RELATIONS[rel][2]}{rng.randrange(ANSWERS)}"))
     return out
 
 
@@ -146,13 +150,25 @@ def bio(fs_of_subject, rng: random.Random) -> str:
     return " ".join(f"{rng.choice(RELATIONS[rel][:2]).format(s if i == 0 else 'they')} {a} ." for i, (s, rel, a) in enumerate(order))
 
 
-def train(model, batch_of, check, steps: int, lr: float, log) -> dict:
+def train(model, batch_of, check, steps: int, lr: float, log, until: float = 0.99, checkpoint: Path | None = None,
+          every: int = 250) -> dict:
     """Next-token loss on the token lists ``batch_of(step)`` gives, AdamW with linear warm-up; every 250
-    steps ``check()`` (an accuracy) is logged, and training stops once it reaches 0.99."""
+    steps ``check()`` (an accuracy) is logged, and training stops once it reaches ``until``.
+
+    ``checkpoint``: every ``every`` steps the model, the optimiser and the log go there (a temporary
+    name, then renamed); a run that finds one continues from it. With a ``batch_of`` that depends on
+    the step alone (no generator carried from step to step), the resumed run ends in the weights an
+    uninterrupted one ends in."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    done, acc = 0, 0.0
+    done, acc, start, history = 0, 0.0, 1, []
+    if checkpoint is not None and checkpoint.exists():
+        state = torch.load(checkpoint, weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        start, done, acc, history = state["step"] + 1, state["step"], state["accuracy"], state["history"]
+        log(f"  resuming from {checkpoint} after step {state['step']}")
     model.train()
-    for step in range(1, steps + 1):
+    for step in range(start, steps + 1):
         for g in opt.param_groups:
             g["lr"] = lr * min(1.0, step / 200)
         seqs = batch_of(step)
@@ -167,11 +183,17 @@ def train(model, batch_of, check, steps: int, lr: float, log) -> dict:
             model.eval()
             acc = check()
             model.train()
+            history.append({"step": step, "loss": loss.item(), "accuracy": acc})
             log(f"  step {step}: loss {loss.item():.3f} accuracy {acc:.3f}")
-            if acc >= 0.99:
+            if acc >= until:
                 break
+        if checkpoint is not None and step % every == 0:
+            tmp = checkpoint.with_name(checkpoint.name + ".tmp")
+            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "accuracy": acc,
+                        "history": history}, tmp)
+            tmp.replace(checkpoint)
     model.eval()
-    return {"steps": done, "accuracy": acc}
+    return {"steps": done, "accuracy": acc, "history": history}
 
 
 def reach(model, tok, block: int, requests, settings: list[str]) -> dict:

@@ -43,6 +43,11 @@ same edits in one batch (the time ratio). ``--only protect``: 1,000 known unedit
 LLaMA-3-8B (``build.json``'s ``edit_blocks``), ``batch`` and ``sequential`` run ``grid_v2`` and
 ``sequential_grid_v2`` instead.
 
+``--closed-form-blocks K...`` moves MEMIT and AlphaEdit off ``build.json``'s blocks (to where
+``bench_reach.py`` finds their targets reached); their rows include the ``unbounded`` target setting
+(clamp 100, no KL or decay term, 300 steps, no prefixes) beside the authors' and EasyEdit's. A
+closed-form row that cannot solve (a singular ``λC + KKᵀ``) is listed under ``failed`` with its message.
+
 Each run is cached under ``--cache`` by (testbed hash, its spec, version), with its per-request rows,
 so an interrupted benchmark resumes; a closed-form batch run's target values too, by requests, blocks
 and target settings (``targets_path``: MEMIT, AlphaEdit and the λ rows share them). The committed
@@ -73,7 +78,7 @@ from crispedit.curvature import collect, load, save  # noqa: E402
 from crispedit.evaluate import known_facts_filter, metric, prepare_reference  # noqa: E402
 from crispedit.history import HistoryProbe  # noqa: E402
 from crispedit.layers import find_modules  # noqa: E402
-from crispedit.memit import Targets  # noqa: E402
+from crispedit.memit import MemitError, Targets  # noqa: E402
 from crispedit.model import load_model  # noqa: E402
 from crispedit.options import (CHUNKED_DEFAULTS, CHUNKED_GAMMA, MethodOptions, chunked_defaults,  # noqa: E402
                                projections_per_step)
@@ -101,7 +106,11 @@ WIDTH_8B = 14336  # MEMIT's λ = 15,000 is matched to LLaMA-3-8B's d_in; scaled 
 ALPHAEDIT_RELATIVE = 1e-2
 # target-optimisation settings of the closed-form rows: the AlphaEdit authors' LLaMA-3-8B file (the options'
 # defaults) and EasyEdit's (CrispEdit's authors ran MEMIT and AlphaEdit with it)
-CLOSED_FORM_SETTINGS = {"authors": {}, "easyedit": dict(v_lr=0.5, clamp_norm_factor=4.0, v_weight_decay=1e-3)}
+CLOSED_FORM_SETTINGS = {"authors": {}, "easyedit": dict(v_lr=0.5, clamp_norm_factor=4.0, v_weight_decay=1e-3),
+                        # the residual nearly unbounded (clamp 100), no KL or decay term, 300 steps, the plain prompt
+                        # only: the setting under which bench_reach.py finds the targets reached (issue 19)
+                        "unbounded": dict(v_lr=0.5, clamp_norm_factor=100.0, v_weight_decay=0.0, kl_factor=0.0,
+                                          v_num_grad_steps=300, prefix_count=0)}
 
 
 def default_testbed() -> Path:
@@ -141,8 +150,11 @@ def grid_v2(n: int, blocks: dict[str, list[int]]) -> list[dict]:
     for st in ({}, {"settings": "easyedit"}):
         runs += [spec(m, n, layers=fb, **st) for m in ("memit", "alphaedit")]
     runs += [spec("memit", n, layers=fb, settings="easyedit", lam=lam) for lam in LAMBDAS]
+    runs += [spec(m, n, layers=fb, settings="unbounded") for m in ("memit", "alphaedit")]
     runs += [spec("crispedit", n, 0.8, layers=fb), spec("ft", n, layers=fb)]
     runs += [spec(m, n, layers=cb, settings="easyedit") for m in ("memit", "alphaedit")]
+    if n == LOAD_EDITS:  # (a testbed whose grid is of LOAD_EDITS edits already has them)
+        return runs
     runs += [spec("crispedit", LOAD_EDITS, 0.8), spec("ft", LOAD_EDITS)]
     runs += [spec(m, LOAD_EDITS, layers=fb, **st) for st in ({}, {"settings": "easyedit"}) for m in ("memit", "alphaedit")]
     runs += [spec("memit", LOAD_EDITS, layers=fb, settings="easyedit", lam=lam) for lam in LAMBDAS]  # AlphaEdit has no λ
@@ -269,7 +281,8 @@ def family(r: dict) -> str:
     if r.get("optimizer", "adam") != "adam":
         name += " projected-step"
     if r.get("layers") is not None:
-        name += f" blocks {r['layers'][0]}-{r['layers'][-1]}" + (" EasyEdit" if r.get("settings") == "easyedit" else "")
+        name += f" blocks {r['layers'][0]}-{r['layers'][-1]}" + {"easyedit": " EasyEdit", "unbounded": " unbounded"}.get(
+            r.get("settings"), "")
     if r.get("lam") is not None:
         name += f" λ={r['lam']:g}"
     if r.get("chunk_size"):
@@ -537,6 +550,10 @@ def run(tb: Testbed, s: dict, a) -> dict:
         s_med = [lay["s_median"] for lay in layers if lay.get("s_median") is not None]
         row.update(key_share_mean=sum(shares) / len(shares) if shares else None,  # share of each residual the solves realise
                    s_median=sorted(s_med)[len(s_med) // 2] if s_med else None)  # s = kᵀ(λC)⁻¹k, median over layers and chunks
+        before = [lay["residual"] for lay in layers[:1]] if len(session.history) == 1 else []
+        after_edit = [r["residual_after"] for r in session.history if r.get("residual_after") is not None]
+        row.update(residual_before=before[0] if before else None,  # mean |z - h| at the subject: before the edit (one batch)
+                   residual_after=sum(after_edit) / len(after_edit) if after_edit else None)  # and after it
         row.update(target_probability=sum(probs) / len(probs),  # the mean over chunks of their mean P(target)
                    targets_seconds=sum(r.get("seconds_targets", 0.0) for r in session.history),
                    targets_reused=shared is not None)  # (then targets_seconds is the check of h alone; the row that made them has the rest)
@@ -590,7 +607,10 @@ def row_chosen(s: dict, text: str) -> bool:
             and not {w[1:] for w in given if w.startswith("-")} & words)
 
 
-def run_all(tb: Testbed, specs: list[dict], a) -> list[dict]:
+def run_all(tb: Testbed, specs: list[dict], a, failed: list[dict] | None = None) -> list[dict]:
+    """The rows of ``specs``, each from the cache or run. A closed-form run that cannot solve
+    (``MemitError``: a singular ``λC + KKᵀ``, say) is reported and added to ``failed`` with its message;
+    the grid goes on."""
     rows = []
     for s in specs:
         path = run_path(tb, s, a)
@@ -600,7 +620,13 @@ def run_all(tb: Testbed, specs: list[dict], a) -> list[dict]:
             continue
         t0 = time.perf_counter()
         print(f"{family(s)} γ {s['gamma']} n {s['n']} ...", flush=True)
-        r = cached(path, lambda: run(tb, s, a))["row"]
+        try:
+            r = cached(path, lambda: run(tb, s, a))["row"]
+        except MemitError as e:
+            print(f"{family(s)} n {s['n']}: failed: {e}", flush=True)
+            if failed is not None:
+                failed.append(dict(s, family=family(s), error=str(e)))
+            continue
         rows.append(r)
         print(f"{family(r):<40} n {r['n']:<5d} reliab. {num(r['reliability/generation'])} "
               f"rephr. {num(r['generalization/generation'])} local. {num(r['locality_agreement/generation'])} "
@@ -630,6 +656,8 @@ def main() -> None:
     ap.add_argument("--eval-sample", type=int, default=500, help="sequential runs: edits scored per evaluation")
     ap.add_argument("--only", nargs="+", default=["batch", "weights", "sequential", "stories"],
                     choices=["batch", "weights", "sequential", "stories", "recipe", "rehearse", "confirm", "protect", "tradeoff", "stop"])
+    ap.add_argument("--closed-form-blocks", type=int, nargs="+", default=None,
+                    help="MEMIT's and AlphaEdit's blocks instead of build.json's (where bench_reach.py finds their targets reached)")
     ap.add_argument("--base", default=json.dumps(SEQUENTIAL_BASE),
                     help="JSON: the chunked CrispEdit settings the rehearse grid builds on")
     a = ap.parse_args()
@@ -638,6 +666,8 @@ def main() -> None:
         sys.exit(f"no testbed in {testbed}: build one with python benchmarks/build_testbed.py")
     torch.set_num_threads(a.threads)
     tb = Testbed(testbed, Path(a.cache), a.seed, *a.edits)
+    if a.closed_form_blocks:
+        tb.blocks = dict(tb.blocks, closed_form=a.closed_form_blocks)
     out = Path(a.out)
     results = json.loads(out.read_text()) if out.exists() else {}
     if results.get("version") != __version__:
@@ -661,12 +691,13 @@ def main() -> None:
     })
     base = json.loads(a.base)
     if "batch" in a.only:
+        failed: list[dict] = []
         rows = run_all(tb, grid(tb.n_small, tb.n_large, tb.all_blocks) if tb.blocks["crispedit"] == tb.all_blocks
-                       else grid_v2(tb.n_small, tb.blocks), a)
-        results.update(rows=rows, matched_reliability=matched(rows, tb.n_small))
+                       else grid_v2(tb.n_small, tb.blocks), a, failed)
+        results.update(rows=rows, failed=failed, matched_reliability=matched(rows, tb.n_small))
         write_results(results, out)
         print(table(rows))
-        plot(rows, Path(a.plot), tb.n_small)
+        plot(rows, Path(a.plot), tb.n_small, tb.path.name)
     if "weights" in a.only:
         results["edit_weight"] = run_all(tb, weight_grid(tb.n_small, a.chunk), a)
         write_results(results, out)
@@ -686,7 +717,7 @@ def main() -> None:
         for r in partial:
             print(f"{family(r)} n {r['n']}: unfinished, {r['edited']} edits in {r['chunks_done']} chunks; last scored: "
                   + json.dumps({k: v for k, v in (r["history"] or [{}])[-1].items() if k not in ("seconds",)}))
-        plot_history(seq + partial, Path(a.plot).with_name(Path(a.plot).stem + "-sequential.png"), a.chunk)
+        plot_history(seq + partial, Path(a.plot).with_name(Path(a.plot).stem + "-sequential.png"), a.chunk, tb.path.name)
     if "recipe" in a.only:
         rows = run_all(tb, recipe_grid(tb.n_small, a.chunk), a)
         results["recipe"] = {"rows": rows, "authors": AUTHORS_SEQUENTIAL}
@@ -717,7 +748,7 @@ def main() -> None:
         print(table(rows + batch))
         earlier = [r for r in (results.get("sequential_earlier_build") or {}).get("rows", [])  # the same weights
                    if r["method"] in ("crispedit", "ft") and r["n"] == tb.n_large and not r.get("budget")]
-        plot_history(earlier + rows, Path(a.plot).with_name(Path(a.plot).stem + "-sequential.png"), a.chunk)
+        plot_history(earlier + rows, Path(a.plot).with_name(Path(a.plot).stem + "-sequential.png"), a.chunk, tb.path.name)
     if "tradeoff" in a.only:
         rows = run_all(tb, tradeoff_grid(tb.n_small, a.chunk), a)
         # an option measured at the same settings and taken out again (no gain): its cached row, when there
@@ -907,7 +938,7 @@ def _save(fig, path: Path) -> None:
     tmp.replace(path)
 
 
-def plot(rows: list[dict], path: Path, n_small: int) -> None:
+def plot(rows: list[dict], path: Path, n_small: int, name: str = "CounterFact/WikiText") -> None:
     """Edit success against capability drift (held-out KL; known-fact accuracy lost), per method across γ
     at ``n_small`` edits (lines), the other sizes as squares."""
     import matplotlib
@@ -916,7 +947,7 @@ def plot(rows: list[dict], path: Path, n_small: int) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.3), sharey=True)
-    for ax, x, label in ((axes[0], lambda r: r["heldout_kl"], "mean KL(base ‖ edited) on held-out WikiText (nats/token)"),
+    for ax, x, label in ((axes[0], lambda r: r["heldout_kl"], "mean KL(base ‖ edited) on held-out text (nats/token)"),
                          (axes[1], known_lost, "known unedited facts lost (accuracy points)")):
         for f in sorted({family(r) for r in rows if r["n"] == n_small}):
             pts = sorted((r for r in rows if family(r) == f and r["n"] == n_small), key=lambda r: r["gamma"] or 0)
@@ -939,13 +970,13 @@ def plot(rows: list[dict], path: Path, n_small: int) -> None:
     axes[1].set_xlim(left=0)  # points lost: from zero
     axes[1].legend(fontsize=6, loc="lower right")
     sizes = ", ".join(str(n) for n in sorted({r["n"] for r in rows}))
-    fig.suptitle(f"CounterFact/WikiText testbed: {sizes} edits in one batch (lines: γ ∈ "
+    fig.suptitle(f"{name} testbed: {sizes} edits in one batch (lines: γ ∈ "
                  f"{{{', '.join(f'{g:g}' for g in GAMMAS)}}} at {n_small} edits)")
     fig.tight_layout()
     _save(fig, path)
 
 
-def plot_history(rows: list[dict], path: Path, chunk: int = CHUNK) -> None:
+def plot_history(rows: list[dict], path: Path, chunk: int = CHUNK, name: str = "CounterFact/WikiText") -> None:
     """Each history metric against the number of edits made, one line per method."""
     import matplotlib
 
@@ -974,7 +1005,7 @@ def plot_history(rows: list[dict], path: Path, chunk: int = CHUNK) -> None:
         else:
             ax.set_ylim(0, 1.02)  # shares: from zero
     axes[0].legend(fontsize=6, loc="lower left")
-    fig.suptitle(f"CounterFact/WikiText testbed: sequential editing in chunks of {chunk}")
+    fig.suptitle(f"{name} testbed: sequential editing in chunks of {chunk}")
     fig.tight_layout()
     _save(fig, path)
 

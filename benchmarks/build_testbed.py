@@ -320,6 +320,22 @@ def sha256_dir(path: Path) -> str:
     return h.hexdigest()
 
 
+def write_testbed(out: Path, model, tok, edit_pool: list[dict], unedited: list[dict], curvature: list[str],
+                  heldout: list[str], report: dict) -> None:
+    """The testbed directory ``bench_testbed.py`` reads: model, tokenizer, both pools (JSON Lines), both
+    corpora (a document a line) and ``build.json`` (``report`` with the hash of the rest), written to a
+    temporary directory that becomes ``out`` when complete."""
+    with TempDir(out) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        for name, recs in (("edit.jsonl", edit_pool), ("unedited.jsonl", unedited)):
+            (tmp / name).write_text("".join(json.dumps(r) + "\n" for r in recs), encoding="utf-8")
+        for name, docs in (("curvature.txt", curvature), ("heldout.txt", heldout)):
+            (tmp / name).write_text("".join(d + "\n" for d in docs), encoding="utf-8")
+        report["testbed_sha256"] = sha256_dir(tmp)
+        (tmp / "build.json").write_text(json.dumps(report, indent=2) + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=None, help="output directory (default ~/.cache/crispedit/testbeds/counterfact-wikitext-s{seed})")
@@ -419,15 +435,7 @@ def main() -> None:
     print(json.dumps({k: report[k] for k in ("facts", "fact_accuracy_by_generation", "majority_baseline_by_template",
                                              "perplexity", "heldout_over_train_perplexity")}, indent=2))
 
-    with TempDir(out) as tmp:  # renamed to ``out`` when complete, removed on failure
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        for name, recs in (("edit.jsonl", edit_pool), ("unedited.jsonl", unedited)):
-            (tmp / name).write_text("".join(json.dumps(r) + "\n" for r in recs), encoding="utf-8")
-        for name, docs in (("curvature.txt", curvature), ("heldout.txt", heldout)):
-            (tmp / name).write_text("".join(d + "\n" for d in docs), encoding="utf-8")
-        report["testbed_sha256"] = sha256_dir(tmp)
-        (tmp / "build.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_testbed(out, model, tok, edit_pool, unedited, curvature, heldout, report)
     shutil.rmtree(work, ignore_errors=True)
     print(f"trained in {train_wall / 60:.1f} min wall, {train_cpu / 60:.1f} CPU-min -> {out}")
 

@@ -624,7 +624,8 @@ def apply_closed_form(
     weights (MEMIT's serve AlphaEdit: the optimisation, the slow part, is the same computation);
     refused unless their ``h`` is the block output at the subject now. Weights may have any dtype;
     the solves run in ``config.solve_dtype`` on each matrix's device and the update is applied as
-    ``(W.to(float64) + ΔW).to(W.dtype)``."""
+    ``(W.to(float64) + ΔW).to(W.dtype)``. If a layer's solve fails (``MemitError``) the layers already
+    edited are put back: the model is left as it came."""
     from tqdm.auto import tqdm
 
     cfg = config or MemitConfig()
@@ -671,32 +672,40 @@ def apply_closed_form(
             _check_targets(targets, h)
         seconds_targets = time.perf_counter() - t0
         deltas, layers, shares, singles = {}, {}, {}, {}
-        for i, (name, m, _) in enumerate(tqdm(ordered, unit="layer", desc=method, disable=not progress)):
-            dev = m.weight.device
-            K = compute_keys(model, tokenizer, m, requests, prefixes, cfg.batch_size).to(dev, sdt)
-            if i:  # the layers before this one are edited: read h again
-                h = subject_hidden(model, tokenizer, block, requests, cfg.batch_size)
-            R = ((targets.z - h) / (len(ordered) - i)).to(dev, sdt)
-            with full_precision():  # no TF32 in the solves
-                if method == "memit":
-                    D, H = memit_solve(R, K, C[name].to(dev, sdt), cfg.mom2_update_weight, f"{name}: λC + KKᵀ")
-                else:
-                    U = bases[name].to(dev, sdt)
-                    S = preserved[name].to(dev, sdt) if preserved is not None and name in preserved else None
-                    D, H = alphaedit_solve(R, K, U, S, cfg.L2, f"{name}: AlphaEdit system")
-                    kept[name] = (K.T @ K) if S is None else S + K.T @ K
-                share, s_one = key_shares(H)
-            shares[name], singles[name] = share.tolist(), s_one.tolist()
+        originals = {}  # each edited matrix as it came, in its own dtype: put back if a later solve fails
+        try:
+            for i, (name, m, _) in enumerate(tqdm(ordered, unit="layer", desc=method, disable=not progress)):
+                dev = m.weight.device
+                K = compute_keys(model, tokenizer, m, requests, prefixes, cfg.batch_size).to(dev, sdt)
+                if i:  # the layers before this one are edited: read h again
+                    h = subject_hidden(model, tokenizer, block, requests, cfg.batch_size)
+                R = ((targets.z - h) / (len(ordered) - i)).to(dev, sdt)
+                with full_precision():  # no TF32 in the solves
+                    if method == "memit":
+                        D, H = memit_solve(R, K, C[name].to(dev, sdt), cfg.mom2_update_weight, f"{name}: λC + KKᵀ")
+                    else:
+                        U = bases[name].to(dev, sdt)
+                        S = preserved[name].to(dev, sdt) if preserved is not None and name in preserved else None
+                        D, H = alphaedit_solve(R, K, U, S, cfg.L2, f"{name}: AlphaEdit system")
+                        kept[name] = (K.T @ K) if S is None else S + K.T @ K
+                    share, s_one = key_shares(H)
+                shares[name], singles[name] = share.tolist(), s_one.tolist()
+                with torch.no_grad():
+                    w = m.weight
+                    originals[name] = w.detach().clone()
+                    old = w.detach().to(torch.float64, copy=True)
+                    step = D.T if is_conv1d(m) else D
+                    w.copy_((old + step.to(torch.float64)).to(w.dtype))
+                    deltas[name] = w.detach().to(torch.float64) - old
+                layers[name] = {"residual": float((targets.z - h).norm(dim=1).mean()),
+                                "relative_change": float(deltas[name].norm() / old.norm()),
+                                "null_dim": None if bases is None else int(bases[name].shape[1]),
+                                "key_share_mean": float(share.mean()), "s_median": float(s_one.median())}
+        except BaseException:  # a later layer's solve failed (or the run was stopped): undo the layers already edited
             with torch.no_grad():
-                w = m.weight
-                old = w.detach().to(torch.float64, copy=True)
-                step = D.T if is_conv1d(m) else D
-                w.copy_((old + step.to(torch.float64)).to(w.dtype))
-                deltas[name] = w.detach().to(torch.float64) - old
-            layers[name] = {"residual": float((targets.z - h).norm(dim=1).mean()),
-                            "relative_change": float(deltas[name].norm() / old.norm()),
-                            "null_dim": None if bases is None else int(bases[name].shape[1]),
-                            "key_share_mean": float(share.mean()), "s_median": float(s_one.median())}
+                for name, w0 in originals.items():
+                    modules[name].weight.copy_(w0)
+            raise
         after = subject_hidden(model, tokenizer, block, requests, cfg.batch_size)
     return ClosedFormResult(deltas, kept, bases, targets, layers, float((targets.z - after).norm(dim=1).mean()),
                             shares, singles, prefixes, time.perf_counter() - start, seconds_targets)

@@ -179,6 +179,7 @@ class MethodOptions:
     v_weight_decay: float = opt(0.5, "memit/alphaedit: weight of |delta| / |h|^2 in the target loss", check=non_negative)
     kl_factor: float = opt(0.0625, "memit/alphaedit: weight of KL(P_delta || P_0) on '{subject} is a' in the target loss", check=non_negative)
     clamp_norm_factor: float = opt(0.75, "memit/alphaedit: |delta| is clamped to this multiple of |h|", check=positive)
+    prefix_count: int = opt(5, "memit/alphaedit: context prefixes the model writes itself, beside the empty one, over which the target is optimised and the keys averaged (0: the plain prompt only)", check=non_negative)
     mom2_update_weight: float = opt(15000.0, "memit: lambda in (lambda C + K K^T); matched to the width (~d_in) of the edited matrix", check=non_negative)
     nullspace_threshold: float = opt(2e-2, "alphaedit: eigenvectors of C with eigenvalue below this span the null space", check=positive)
     nullspace_relative: bool = opt(False, "alphaedit: read --nullspace-threshold as a fraction of C's largest eigenvalue")

@@ -553,7 +553,7 @@ class EditSession:
 
         o = self.options
         cfg = MemitConfig(v_num_grad_steps=o.v_num_grad_steps, v_lr=o.v_lr, v_weight_decay=o.v_weight_decay,
-                          kl_factor=o.kl_factor, clamp_norm_factor=o.clamp_norm_factor,
+                          kl_factor=o.kl_factor, clamp_norm_factor=o.clamp_norm_factor, prefix_count=o.prefix_count,
                           mom2_update_weight=o.mom2_update_weight, nullspace_threshold=o.nullspace_threshold,
                           nullspace_relative=o.nullspace_relative, L2=o.l2)
         C = {n: (self.base_capability.A[n] / self.base_capability.tokens).to(m.weight.device)

@@ -263,6 +263,20 @@ def test_errors_name_the_request():
         apply_closed_form(model, TOK, modules, REQUESTS, C, MemitConfig(nullspace_threshold=1e-30), method="alphaedit")
 
 
+def test_a_failed_solve_leaves_the_model_as_it_came():
+    """The second block's λC + KKᵀ is singular (C = 0, three keys of a wider input): the first block,
+    already edited when that solve fails, is put back to the bit."""
+    model, modules, C = _setup(layers=3, edit=(0, 1))
+    first, second = list(modules)
+    before = {n: m.weight.detach().clone() for n, m in modules.items()}
+    with pytest.raises(MemitError, match=f"{second}: λC \\+ KKᵀ is not positive definite"):
+        apply_closed_form(model, TOK, modules, REQUESTS, {first: C[first], second: torch.zeros_like(C[second])}, TOY)
+    for n, m in modules.items():
+        assert torch.equal(m.weight, before[n]), n
+    apply_closed_form(model, TOK, modules, REQUESTS, C, TOY)  # the same edit with both solves possible changes both
+    assert all(not torch.equal(m.weight, before[n]) for n, m in modules.items())
+
+
 def test_prefixes_and_edits_are_deterministic_for_a_seed():
     model, modules, C = _setup()
     a = context_prefixes(model, TOK, seed=3, count=5, length=8)
@@ -470,6 +484,24 @@ def test_edit_of_a_real_pretrained_model(method):
     apply_closed_form(model, tok, modules, reqs, C, cfg, method=method)
     drops = [b - a for a, b in zip(nll(), before)]
     assert min(drops) > 0.2, drops  # measured: MEMIT 2.10 and 0.43 nats, AlphaEdit 1.78 and 0.35
+
+
+def test_prefix_count_reaches_the_target_optimisation():
+    """--prefix-count 0: the target is optimised on the plain prompt alone, so its mean P(target) over
+    the prefixes is the plain prompt's; with prefixes the two differ."""
+    from crispedit.options import MethodOptions
+    from crispedit.session import EditSession
+
+    model, modules, _ = _setup()
+    stats = collect(model, modules, CORPUS, labels="empirical", dtype=torch.float64)
+    fields = dict(mom2_update_weight=TOY.mom2_update_weight, v_lr=TOY.v_lr, clamp_norm_factor=TOY.clamp_norm_factor,
+                  v_weight_decay=TOY.v_weight_decay)
+    for count in (0, 2):
+        session = EditSession.start(model, TOK, modules, MethodOptions(method="memit", prefix_count=count, **fields), stats)
+        session.edit(REQUESTS)
+        session.restore_base()
+        same = [loss["prob"] == loss["prob_plain"] for loss in session.targets.losses]
+        assert all(same) if count == 0 else not any(same), (count, session.targets.losses)
 
 
 def test_session_takes_memits_targets_for_alphaedit_and_refuses_them_elsewhere():

@@ -165,9 +165,14 @@ def test_build_resumes_from_its_checkpoint_to_the_uninterrupted_weights(tmp_path
 def test_rows_pick_by_words_and_exclude_by_minus_words():
     runs = grid_v2(1000, {"crispedit": [5, 6], "closed_form": [1, 2]})
     names = lambda text: [f"{family(s)} n{s['n']}" for s in runs if row_chosen(s, text)]  # noqa: E731
-    assert names("memit 1-2 n1000 -EasyEdit") == ["memit blocks 1-2 n1000"]
+    assert names("memit 1-2 n1000 -EasyEdit") == ["memit blocks 1-2 n1000", "memit blocks 1-2 unbounded n1000"]
+    assert names("memit 1-2 n1000 -EasyEdit -unbounded") == ["memit blocks 1-2 n1000"]
     assert names("EasyEdit 1-2 n1000 -λ=10 -λ=100") == ["memit blocks 1-2 EasyEdit n1000", "alphaedit blocks 1-2 EasyEdit n1000"]
     assert names("crispedit n1000 g0.9") == ["crispedit n1000"]
+    for n in (1000, 100):  # (at LOAD_EDITS the grid's rows of that size are not listed twice)
+        same = grid_v2(n, {"crispedit": [4], "closed_form": [0, 1]})
+        assert len({json.dumps(r, sort_keys=True) for r in same}) == len(same)
+        assert {r.get("settings") for r in same if r["method"] == "memit"} == {None, "easyedit", "unbounded"}
 
 
 def test_closed_form_targets_are_shared_by_method_and_lambda_not_by_settings(tmp_path):
@@ -206,6 +211,84 @@ def test_compose_pilot_facts_per_subject_and_tokens():
         assert len(sentences) == 8 and sentences[0].count(subject) == 1 and text.count(subject) == 1
         assert sorted(a for _, _, a in own) == sorted(s.split()[-1] for s in sentences)
         assert tok.unk_token_id not in tokenizer(("they", "."))(text)["input_ids"]
+
+
+def test_synthetic_testbed_pools():
+    """v3: one fact of each edit subject is edited, two others of the same subject are its locality
+    prompts; every fact of the other subjects is an unedited record; no subject is in both pools."""
+    from bench_compose import RELATIONS
+    from build_synthetic import pool_statements, records, world
+
+    by_subject = world(10, seed=0)
+    assert len(by_subject) == 10 and all(sorted(r for _, r, _ in fs) == sorted(RELATIONS) for fs in by_subject.values())
+    truth = {tpl.format(s): a for fs in by_subject.values() for s, rel, a in fs for tpl in RELATIONS[rel][:2]}
+    edit, unedited, rest = records(by_subject, 4, seed=0)
+    edited = {r["subject"] for r in edit}
+    assert len(edit) == len(edited) == 4 and len(rest) == 6 and not edited & set(rest)
+    assert len(unedited) == 6 * len(RELATIONS) and {r["subject"] for r in unedited} == set(rest)
+    for r in edit:
+        assert truth[r["prompt"]] == truth[r["rephrase_prompt"]] == r["ground_truth"] != r["target_new"]
+        assert r["target_new"][:-1].rstrip("0123456789") == r["ground_truth"].rstrip("0123456789")  # the same relation
+        assert len(r["locality_prompt"]) == 2 and r["prompt"] not in r["locality_prompt"]
+        assert all(r["subject"] in q and truth[q] == x for q, x in zip(r["locality_prompt"], r["locality_ground_truth"]))
+    assert all(truth[p] == x for _, p, x in pool_statements(edit + unedited))
+    assert records(by_subject, 4, seed=0) == (edit, unedited, rest)
+
+
+def test_synthetic_build_writes_a_testbed_the_benchmark_reads(tmp_path, monkeypatch):
+    """build_synthetic.py on a tiny world: the directory holds what bench_testbed.Testbed reads, build.json
+    the blocks placed as at 8B (or those asked for), and a second build refuses to overwrite it."""
+    import build_synthetic
+
+    from crispedit.model import load_model
+    from crispedit.requests import read_requests
+
+    out = tmp_path / "tb"
+    argv = ["build_synthetic.py", "--subjects", "6", "--edit-subjects", "3", "--blocks", "2", "--width", "16",
+            "--steps", "250", "--until", "0", "--statements", "8", "--bios", "2", "--threads", "1", "--out", str(out)]
+    monkeypatch.setattr(sys, "argv", argv + ["--closed-form-blocks", "0"])
+    build_synthetic.main()
+    build = json.loads((out / "build.json").read_text())
+    assert build["edit_blocks"] == {"crispedit": [1], "closed_form": [0]} and build["fit"]["steps"] == 250
+    assert len(build["testbed_sha256"]) == 64 and build["facts"]["unedited_pool"] == 3 * 8
+    assert [len(read_requests(out / f)) for f in ("edit.jsonl", "unedited.jsonl")] == [3, 24]
+    assert all(len(r.locality) == 2 for r in read_requests(out / "edit.jsonl"))
+    assert len((out / "curvature.txt").read_text().splitlines()) == 5  # one unedited subject's five biographies
+    model, tok = load_model(str(out), "cpu", "float32")
+    assert model.config.num_hidden_layers == 2 and tok.unk_token_id not in tok((out / "heldout.txt").read_text())["input_ids"]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit, match="exists"):
+        build_synthetic.main()
+
+
+def test_compose_training_resumes_from_its_checkpoint_to_the_uninterrupted_weights(tmp_path):
+    """bench_compose.train with batches drawn from the step alone: two steps, a checkpoint, a new
+    process for the last two, and the weights of four steps in one go."""
+    import torch
+    from bench_compose import model_for, tokenizer, train
+
+    tok = tokenizer()
+    words = [w for w in tok.get_vocab() if not w.startswith("<")]
+
+    def batch_of(step):
+        rng = random.Random(step)
+        return [tok(" ".join(rng.choices(words, k=6)))["input_ids"] for _ in range(4)]
+
+    def run(steps, checkpoint):
+        model = model_for(tok, 1, 16, seed=0)
+        train(model, batch_of, lambda: 0.0, steps, 3e-3, lambda s: None, checkpoint=checkpoint, every=2)
+        return model
+
+    whole = run(4, None)
+    ckpt = tmp_path / "checkpoint.pt"
+    run(2, ckpt)
+    assert torch.load(ckpt, weights_only=False)["step"] == 2
+    torch.manual_seed(123)
+    resumed = run(4, ckpt)
+    assert torch.load(ckpt, weights_only=False)["step"] == 4
+    for (name, p), q in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(p, q), name
+    assert not torch.equal(whole.state_dict()["lm_head.weight"], model_for(tok, 1, 16, seed=0).state_dict()["lm_head.weight"])
 
 
 def test_edit_blocks_placed_as_at_8b():
