@@ -672,7 +672,7 @@ def apply_closed_form(
             _check_targets(targets, h)
         seconds_targets = time.perf_counter() - t0
         deltas, layers, shares, singles = {}, {}, {}, {}
-        originals = {}  # each edited matrix as it came, in its own dtype: put back if a later solve fails
+        originals = {}  # each edited matrix as it came (its dtype, on the CPU): put back if a later solve fails
         try:
             for i, (name, m, _) in enumerate(tqdm(ordered, unit="layer", desc=method, disable=not progress)):
                 dev = m.weight.device
@@ -692,7 +692,7 @@ def apply_closed_form(
                 shares[name], singles[name] = share.tolist(), s_one.tolist()
                 with torch.no_grad():
                     w = m.weight
-                    originals[name] = w.detach().clone()
+                    originals[name] = w.detach().to("cpu", copy=True)
                     old = w.detach().to(torch.float64, copy=True)
                     step = D.T if is_conv1d(m) else D
                     w.copy_((old + step.to(torch.float64)).to(w.dtype))
