@@ -971,7 +971,8 @@ def plot(rows: list[dict], path: Path, n_small: int, name: str = "CounterFact/Wi
     axes[1].legend(fontsize=6, loc="lower right")
     sizes = ", ".join(str(n) for n in sorted({r["n"] for r in rows}))
     fig.suptitle(f"{name} testbed: {sizes} edits in one batch (lines: γ ∈ "
-                 f"{{{', '.join(f'{g:g}' for g in GAMMAS)}}} at {n_small} edits)")
+                 f"{{{', '.join(f'{g:g}' for g in sorted({r['gamma'] for r in rows if r['gamma'] and r['n'] == n_small}))}}} "
+                 f"at {n_small} edits)")
     fig.tight_layout()
     _save(fig, path)
 
