@@ -91,6 +91,7 @@ GAMMAS = (0.5, 0.8, 0.9, 0.95, 0.99)
 HELDOUT_DOCS = 200
 METRICS = ("reliability", "generalization", "locality_agreement", "locality_accuracy")
 CHUNK = 100
+EVAL_EVERY, EVAL_SAMPLE = 5, 500  # a chunked run's history: scored every 5 chunks on 500 edits (--eval-every, --eval-sample)
 # the chunked defaults the grids measured before chunks stopped early with Adam's step projected
 # (CHUNKED_DEFAULTS without its loss threshold and optimiser): their cached rows keep the keys they were made with
 REHEARSAL = {k: v for k, v in CHUNKED_DEFAULTS.items() if k not in ("loss_threshold", "optimizer")}
@@ -592,9 +593,12 @@ def targets_path(tb: Testbed, s: dict) -> Path:
 
 
 def run_path(tb: Testbed, s: dict, a, seed: int | None = None) -> Path:
-    """Where a run's result is cached (``seed``: the same run at another seed than the testbed's)."""
+    """Where a run's result is cached (``seed``: the same run at another seed than the testbed's). The
+    history settings (``--eval-every``, ``--eval-sample``) are part of a chunked run's key only: a batch
+    run does not read them and keeps the key it was made with (the defaults')."""
+    history = (a.eval_every, a.eval_sample) if s.get("chunk_size") else (EVAL_EVERY, EVAL_SAMPLE)
     key = dict(s, testbed=tb.hash, lr=a.lr, epochs=a.epochs, seed=tb.seed if seed is None else seed,
-               version=__version__, eval_every=a.eval_every, eval_sample=a.eval_sample)
+               version=__version__, eval_every=history[0], eval_sample=history[1])
     return tb.cache / "runs" / (digest(key) + ".json")
 
 
@@ -652,8 +656,8 @@ def main() -> None:
     ap.add_argument("--rows", nargs="+", default=None, metavar="TEXT",
                     help="run only the rows whose name and size ('ft n1000') hold every word of one of these texts, "
                          "and no word written -word (the others from the cache)")
-    ap.add_argument("--eval-every", type=int, default=5, help="sequential runs: score the history every K chunks")
-    ap.add_argument("--eval-sample", type=int, default=500, help="sequential runs: edits scored per evaluation")
+    ap.add_argument("--eval-every", type=int, default=EVAL_EVERY, help="sequential runs: score the history every K chunks")
+    ap.add_argument("--eval-sample", type=int, default=EVAL_SAMPLE, help="sequential runs: edits scored per evaluation")
     ap.add_argument("--only", nargs="+", default=["batch", "weights", "sequential", "stories"],
                     choices=["batch", "weights", "sequential", "stories", "recipe", "rehearse", "confirm", "protect", "tradeoff", "stop"])
     ap.add_argument("--closed-form-blocks", type=int, nargs="+", default=None,

@@ -119,6 +119,9 @@ def test_unfinished_sequential_runs_report_their_ledgers_history(tmp_path):
             dict(chunk, chunk=1), dict(chunk, chunk=2, metrics={"edits": 200, "reliability": 0.5, "heldout_kl": 0.1})]}))
     run_path(tb, done, a).parent.mkdir(parents=True)
     run_path(tb, done, a).write_text("{}")
+    other = SimpleNamespace(**dict(vars(a), eval_every=2, eval_sample=50))
+    assert run_path(tb, batch, other) == run_path(tb, batch, a)  # a batch run does not read the history settings
+    assert run_path(tb, done, other) != run_path(tb, done, a)
     out = unfinished(tb, [done, running, batch], a)
     assert [r["method"] for r in out] == [running["method"]] and out[0]["chunks_done"] == 2 and out[0]["edited"] == 200
     assert [(p["edits"], p["reliability"], p["heldout_kl"]) for p in out[0]["history"]] == [(200, 0.5, 0.1)]
