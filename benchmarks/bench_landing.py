@@ -36,7 +36,7 @@ from crispedit.corpus import read_documents  # noqa: E402
 from crispedit.curvature import collect  # noqa: E402
 from crispedit.evaluate import known_facts_filter  # noqa: E402
 from crispedit.layers import decoder_blocks, find_modules  # noqa: E402
-from crispedit.memit import MemitConfig, apply_closed_form, subject_tokens  # noqa: E402
+from crispedit.memit import MemitConfig, apply_closed_form, subject_hidden, subject_tokens  # noqa: E402
 from crispedit.model import load_model  # noqa: E402
 from crispedit.requests import EditRequest, read_requests  # noqa: E402
 
@@ -62,19 +62,6 @@ def target_probability(model, tok, block, request: EditRequest, state: torch.Ten
     return float(logits.float().softmax(-1)[target])
 
 
-@torch.no_grad()
-def subject_state(model, tok, block, request: EditRequest) -> torch.Tensor:
-    """``block``'s output at the last subject token of the prompt."""
-    ids, positions = subject_tokens(tok, request.prompt, request.subject)
-    out = {}
-    handle = block.register_forward_hook(lambda m, a, o: out.update(h=(o[0] if isinstance(o, tuple) else o)[0, positions[-1]].clone()))
-    try:
-        model(input_ids=torch.tensor([ids]))
-    finally:
-        handle.remove()
-    return out["h"]
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--testbed", required=True)
@@ -94,13 +81,13 @@ def main() -> None:
     docs = read_documents([testbed / "curvature.txt"], tok, max_length=512)
     stats = collect(model, modules, docs, labels="sampled", seed=0)
     C = {n: stats.A[n] for n in modules}  # (per-token means already)
-    settings = {k: v for k, v in CLOSED_FORM_SETTINGS[a.settings].items()}
-    cfg = dataclasses.replace(MemitConfig(), mom2_update_weight=15000.0 * model.config.intermediate_size / WIDTH_8B, **settings)
+    cfg = dataclasses.replace(MemitConfig(), mom2_update_weight=15000.0 * model.config.intermediate_size / WIDTH_8B,
+                              **CLOSED_FORM_SETTINGS[a.settings])
     block = decoder_blocks(model)[1][a.blocks[-1]]
     base_state = {n: m.weight.detach().clone() for n, m in modules.items()}
     result = apply_closed_form(model, tok, modules, requests, C, cfg, "memit", prefixes=[[""]])
     z = result.targets.z
-    edited_states = [subject_state(model, tok, block, r) for r in requests]
+    edited_states = subject_hidden(model, tok, block, requests)  # [n, d_model] float64
     rows = {"edited": [target_probability(model, tok, block, r) for r in requests],
             "edited at z": [target_probability(model, tok, block, r, z[i]) for i, r in enumerate(requests)]}
     for n, m in modules.items():
@@ -108,7 +95,7 @@ def main() -> None:
     rows["base at z"] = [target_probability(model, tok, block, r, z[i]) for i, r in enumerate(requests)]
     rows["base with the edited state"] = [target_probability(model, tok, block, r, s) for r, s in zip(requests, edited_states)]
     rows["base"] = [target_probability(model, tok, block, r) for r in requests]
-    distance = [float((s.double() - z[i]).norm()) for i, s in enumerate(edited_states)]
+    distance = (edited_states - z).norm(dim=1).tolist()
     summary = {k: {"mean": sum(v) / len(v), "share_above_half": sum(p > 0.5 for p in v) / len(v)} for k, v in rows.items()}
     for k, v in summary.items():
         print(f"{k:<28} P(target) {v['mean']:.3f} (> 0.5: {v['share_above_half']:.2f})", flush=True)

@@ -266,6 +266,7 @@ ROWS = {
     "--device of no kind": Row(EDIT + " --device tpu", 2, "--device"),
     "--epochs 0": Row(EDIT + " --epochs 0", 2, "--epochs must be at least 1, got 0"),
     "--lr -1": Row(EDIT + " --lr -1", 2, "--lr must be positive, got -1.0"),
+    "--prefix-count -1": Row(EDIT + " --method memit --prefix-count -1", 2, "--prefix-count must not be negative, got -1"),
     "--batch-size 0": Row(EDIT + " --batch-size 0", 2, "--batch-size must be at least 1, got 0"),
     "--threads 0": Row(EDIT + " --threads 0", 2, "--threads must be at least 1, got 0"),
     "config: gamma = \"high\"": Row(EDIT + " --config {W}/gamma-high.toml", 2, "gamma must be a number, got 'high'"),
